@@ -1,0 +1,140 @@
+"""The on-disk cache format: a folder of safetensors shards plus manifest.json, written last.
+
+    CACHE/
+      shard-00000.safetensors   tensors stacked over the shard's samples (one shape per shard):
+                                  latent_mean, latent_std              (N, 4, H/8, W/8)  VAE latent_dist, unscaled
+                                  latent_mean_flipped, latent_std_flipped  (with flips)
+                                  prompt_embeds                        (N, 77, 2048)
+                                  pooled_prompt_embeds                 (N, 1280)
+                                  time_ids, time_ids_flipped           (N, 6) float32 always
+      manifest.json             Manifest below; its presence means the cache is complete
+      encode-progress.json      only while an encode is unfinished (resume journal)
+
+Latents are stored as the VAE produced them; CacheReader applies the recorded scaling (and shift)
+factor, so readers get what the UNet consumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "encode-progress.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+class CacheError(Exception):
+    """A cache that is missing, incomplete, corrupt or does not fit the request."""
+
+
+@dataclass
+class ShardInfo:
+    file: str          # basename inside the cache folder
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SampleInfo:
+    key: str           # identity inside the dataset (relative path or row index)
+    caption: str
+    source: dict       # {"path": ...} or {"dataset": ..., "index": ...}, plus "sha256" of the image bytes
+    shard: int         # index into Manifest.shards
+    row: int           # row inside that shard
+
+
+@dataclass
+class Manifest:
+    fingerprint: str   # hash of everything that changes encoded values (see `fingerprint`)
+    encoder: dict      # model, revision, variant, vae, and per-part weight hashes
+    preprocessing: dict  # resolution, center_crop, flip
+    dtype: str         # storage dtype of latents and embeddings: fp16 | bf16 | fp32
+    scaling_factor: float  # vae.config.scaling_factor (0.13025 for SDXL)
+    shift_factor: float | None  # vae.config.shift_factor (None for SDXL)
+    dataset: dict = field(default_factory=dict)  # name, split, num_records, records_sha256 (keys+captions)
+    config: dict = field(default_factory=dict)   # the resolved encode settings (not fingerprinted)
+    shards: list[ShardInfo] = field(default_factory=list)
+    samples: list[SampleInfo] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"key", "reason"} of inputs not encoded
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["num_samples"] = self.num_samples
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"cache format version {d.get('format_version')} is not supported "
+                             f"(this version reads {FORMAT_VERSION}); re-encode with --overwrite")
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        d["samples"] = [SampleInfo(**s) for s in d["samples"]]
+        return cls(**d)
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).is_dir():
+            raise CacheError(f"cache folder not found: {folder}")
+        if not path.exists():
+            hint = " (an encode is unfinished: rerun it to complete)" if (Path(folder) / PROGRESS_NAME).exists() else ""
+            raise CacheError(f"{folder} is not a complete cache: no {MANIFEST_NAME}{hint}")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CacheError(f"{path} is unreadable or incomplete ({type(e).__name__}: {e})") from e
+
+
+def fingerprint(encoder_weights: dict, preprocessing: dict, dtype: str) -> str:
+    """Hash of what changes encoded values: encoder weights+configs, preprocessing, dtype, format.
+
+    Training hyperparameters never enter, so no training setting can invalidate a cache.
+    """
+    payload = json.dumps({"format_version": FORMAT_VERSION, "encoder_weights": encoder_weights,
+                          "preprocessing": preprocessing, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON under a temporary name, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,83 @@
+"""CacheReader: random access to one sample through safetensors' mmap (host memory stays flat as
+the dataset grows), and the deterministic epoch order that training and resume share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cache.format import CacheError, Manifest, sha256_file
+
+
+class CacheReader:
+    """`reader[i]` -> dict of one sample's tensors (stored dtype) plus `key` and `caption`.
+
+    Latents come back multiplied by the VAE scaling factor (after the shift, if any): what the UNet
+    consumes. Opening checks that every shard exists with its recorded size; `verify()` also checks
+    the sha256 of every shard.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)
+        for shard in self.manifest.shards:
+            p = self.path / shard.file
+            if not p.exists():
+                raise CacheError(f"cache {self.path} is missing shard {shard.file}")
+            if p.stat().st_size != shard.bytes:
+                raise CacheError(f"cache shard {p} has {p.stat().st_size} bytes, the manifest says "
+                                 f"{shard.bytes}: it is truncated or corrupt; re-encode with --overwrite")
+        self._handles: dict[int, object] = {}
+        m = self.manifest
+        self.flipped = bool(m.preprocessing.get("flip"))
+        self._shift = m.shift_factor or 0.0
+        self._scale = m.scaling_factor
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def __getstate__(self):  # picklable for DataLoader workers: handles are reopened lazily
+        return {**self.__dict__, "_handles": {}}
+
+    def _open(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.path / self.manifest.shards[shard].file), framework="pt")
+        return self._handles[shard]
+
+    def tensor_names(self) -> list[str]:
+        return list(self._open(0).keys()) if self.manifest.shards else []
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a cache of {len(self)}")
+        info = self.manifest.samples[i]
+        f = self._open(info.shard)
+        sample = {"key": info.key, "caption": info.caption}
+        for name in f.keys():
+            value = f.get_slice(name)[info.row:info.row + 1][0]
+            if name.startswith("latent_mean"):
+                value = ((value.float() - self._shift) * self._scale).to(value.dtype)
+            elif name.startswith("latent_std"):
+                value = (value.float() * self._scale).to(value.dtype)
+            sample[name] = value
+        return sample
+
+    def verify(self) -> list[str]:
+        """Check every shard's size and sha256; returns the problems found (empty: intact)."""
+        problems = []
+        for shard in self.manifest.shards:
+            p = self.path / shard.file
+            if not p.exists():
+                problems.append(f"{shard.file}: missing")
+            elif p.stat().st_size != shard.bytes:
+                problems.append(f"{shard.file}: {p.stat().st_size} bytes, expected {shard.bytes}")
+            elif sha256_file(p) != shard.sha256:
+                problems.append(f"{shard.file}: sha256 mismatch (corrupt)")
+        return problems
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation that is a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=g)

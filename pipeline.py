@@ -1,0 +1,168 @@
+"""Command line: one command per stage. Flags map 1:1 onto each stage's config dataclass, whose
+fields hold the defaults and help texts. No logic here beyond wiring."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+import click
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def from_config(cls, name: str, *flags: str, **kw):
+    """A click option for dataclass field `name`: default and help come from the field."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if not flags:
+        flags = ("--" + name.replace("_", "-"),)
+    if isinstance(default, bool) and "/" not in flags[0] and "is_flag" not in kw:
+        kw["is_flag"] = True
+    return click.option(*flags, name, default=default, show_default=default is not None,
+                        help=f.metadata.get("help"), **kw)
+
+
+def run_stage(fn):
+    """Turn the project's own errors into a one-line message and a non-zero exit, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cache.format import CacheError
+        from stages.errors import UserError
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, CacheError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be > 0")
+    return value
+
+
+def non_negative(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter("must be >= 0")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli():
+    """Two-stage SDXL LoRA training: encode a dataset once into a cache, then train from it."""
+
+
+# ------------------------------------------------------------------------------------------ encode
+from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass only at module level)
+
+
+@cli.command()
+@from_config(EncodeConfig, "model")
+@from_config(EncodeConfig, "revision")
+@from_config(EncodeConfig, "variant")
+@from_config(EncodeConfig, "model_config")
+@from_config(EncodeConfig, "vae")
+@from_config(EncodeConfig, "dataset")
+@from_config(EncodeConfig, "split")
+@from_config(EncodeConfig, "image_column")
+@from_config(EncodeConfig, "caption_column")
+@from_config(EncodeConfig, "cache")
+@from_config(EncodeConfig, "resolution", callback=positive)
+@from_config(EncodeConfig, "center_crop", "--center-crop/--random-crop")
+@from_config(EncodeConfig, "flip", "--flip/--no-flip")
+@from_config(EncodeConfig, "cache_dtype", type=click.Choice(["fp16", "bf16", "fp32"]))
+@from_config(EncodeConfig, "batch_size", callback=positive)
+@from_config(EncodeConfig, "shard_size", callback=positive)
+@from_config(EncodeConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(EncodeConfig, "num_workers", callback=non_negative)
+@from_config(EncodeConfig, "seed")
+@from_config(EncodeConfig, "overwrite")
+@run_stage
+def encode(**kwargs):
+    """Stage 1: encode images and captions once into a shard cache (VAE and text encoders only)."""
+    from stages.encode import encode as run
+    run(EncodeConfig(**kwargs), log=click.echo)
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--verify", is_flag=True, help="Also check every shard's size and sha256.")
+@run_stage
+def info(cache, verify):
+    """Print a cache's manifest for humans."""
+    from cache import CacheReader
+    from stages.encode import describe
+    reader = CacheReader(cache)
+    click.echo(describe(reader.manifest))
+    if verify:
+        problems = reader.verify()
+        for p in problems:
+            click.echo(f"corrupt          {p}")
+        if problems:
+            raise click.ClickException(f"{len(problems)} shard(s) failed verification")
+        click.echo(f"verified         all {len(reader.manifest.shards)} shard(s) intact")
+
+
+# ------------------------------------------------------------------------------------------- train
+from stages.train import TrainConfig  # noqa: E402
+
+
+@cli.command()
+@from_config(TrainConfig, "cache")
+@from_config(TrainConfig, "output")
+@from_config(TrainConfig, "model")
+@from_config(TrainConfig, "revision")
+@from_config(TrainConfig, "variant")
+@from_config(TrainConfig, "model_config")
+@from_config(TrainConfig, "rank", callback=positive)
+@from_config(TrainConfig, "alpha", callback=positive)
+@from_config(TrainConfig, "target_modules")
+@from_config(TrainConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
+@from_config(TrainConfig, "batch_size", callback=positive)
+@from_config(TrainConfig, "grad_accum", callback=positive)
+@from_config(TrainConfig, "learning_rate", callback=positive)
+@from_config(TrainConfig, "lr_scheduler")
+@from_config(TrainConfig, "warmup_steps", callback=non_negative)
+@from_config(TrainConfig, "max_steps", callback=positive)
+@from_config(TrainConfig, "max_grad_norm", callback=positive)
+@from_config(TrainConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
+@from_config(TrainConfig, "weight_decay", callback=non_negative)
+@from_config(TrainConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
+@from_config(TrainConfig, "attention", type=click.Choice(["auto", "sdpa", "xformers"]))
+@from_config(TrainConfig, "seed")
+@from_config(TrainConfig, "checkpoint_every", callback=non_negative)
+@from_config(TrainConfig, "max_bad_steps", callback=positive)
+@from_config(TrainConfig, "resume")
+@from_config(TrainConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(TrainConfig, "num_workers", callback=non_negative)
+@from_config(TrainConfig, "overwrite")
+@run_stage
+def train(**kwargs):
+    """Stage 2: train a UNet LoRA from the cache (loads the UNet only)."""
+    from stages.train import train as run
+    run(TrainConfig(**kwargs), log=click.echo)
+
+
+if __name__ == "__main__":
+    cli()

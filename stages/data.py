@@ -1,0 +1,209 @@
+"""Dataset sources -> records (key, caption, image bytes), and the SDXL preprocessing.
+
+Sources: a hub dataset id, a local imagefolder (metadata.jsonl / metadata.csv), a folder written by
+`datasets.save_to_disk`, or a kohya-style folder of images with same-named .txt captions.
+Preprocessing follows diffusers' train_text_to_image_lora_sdxl.py: shorter side resized to the
+resolution (bilinear), center or random crop, [-1, 1] pixels, and SDXL's time_ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from stages.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb limit (2x its warning threshold)
+
+
+@dataclass
+class Record:
+    """One dataset entry before decoding. `ref` locates the image bytes within its source."""
+    key: str       # stable identity inside the dataset: relative path, or the row index
+    caption: object  # as found in the source; validated by `check_caption`
+    ref: object    # a file path (str) or a row index (int) for a `datasets` table
+
+
+class Source:
+    """A list of records plus a way to read one record's image bytes."""
+
+    def __init__(self, name: str, records: list[Record], table=None, image_column: str | None = None):
+        self.name = name
+        self.records = records
+        self._table = table
+        self._image_column = image_column
+
+    def read_bytes(self, rec: Record) -> bytes:
+        if isinstance(rec.ref, str):
+            with open(rec.ref, "rb") as f:
+                return f.read()
+        cell = self._table[rec.ref][self._image_column]
+        if cell is None:
+            raise ValueError("no image in this row")
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        with open(cell["path"], "rb") as f:
+            return f.read()
+
+    def identity(self, rec: Record, data: bytes) -> dict:
+        """Where the sample came from, and a hash of its bytes (what makes a cached entry stale)."""
+        where = {"path": rec.ref} if isinstance(rec.ref, str) else {"dataset": self.name, "index": rec.ref}
+        return {**where, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def open_source(dataset: str, split: str = "train", image_column: str = "image",
+                caption_column: str = "text") -> Source:
+    """Resolve --dataset to a Source (see module docstring for the accepted kinds)."""
+    path = Path(dataset)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            import datasets
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise UserError(f"{dataset} has no split '{split}' (it has: {', '.join(table)})")
+                table = table[split]
+            return _table_source(str(path), table, image_column, caption_column)
+        if any((path / m).exists() for m in METADATA_FILES):
+            import datasets
+            table = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+            return _table_source(str(path), table, image_column, caption_column, root=path)
+        return _kohya_source(path)
+    if path.exists():
+        raise UserError(f"--dataset must be a folder or a hub dataset id, not a file: {dataset}")
+    if dataset.startswith((".", "/", "~")):
+        raise UserError(f"dataset folder not found: {dataset}")
+    import datasets
+    try:
+        table = datasets.load_dataset(dataset, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(f"cannot load dataset '{dataset}' (split '{split}'): {str(e).strip().splitlines()[0]}") from e
+    return _table_source(dataset, table, image_column, caption_column)
+
+
+def _table_source(name, table, image_column, caption_column, root: Path | None = None) -> Source:
+    import datasets
+    missing = [c for c in (image_column, caption_column) if c not in table.column_names]
+    if missing:
+        raise UserError(f"dataset {name} has no column {', '.join(repr(c) for c in missing)} "
+                        f"(columns: {', '.join(table.column_names)}); use --image-column / --caption-column")
+    # Raw bytes, decoded by us: a broken image becomes a recorded skip instead of a crash.
+    table = table.cast_column(image_column, datasets.Image(decode=False))
+    captions = table[caption_column]
+    if root is not None:  # imagefolder: key = the file's path inside the folder
+        paths = [cell["path"] for cell in table.select_columns([image_column])[image_column]]
+        records = [Record(os.path.relpath(p, root), c, p) for p, c in zip(paths, captions)]
+    else:
+        records = [Record(f"{i:08d}", c, i) for i, c in enumerate(captions)]
+    return Source(name, records, table, image_column)
+
+
+def _kohya_source(root: Path) -> Source:
+    """Images with a same-named .txt caption beside each (the kohya convention)."""
+    records = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        txt = path.with_suffix(".txt")
+        caption = _read_caption_file(txt) if txt.exists() else None
+        records.append(Record(str(path.relative_to(root)), caption, str(path)))
+    return Source(str(root), records)
+
+
+def _read_caption_file(txt: Path):
+    data = txt.read_bytes()
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return data  # check_caption reports it
+
+
+def check_caption(caption) -> str | None:
+    """None when the caption is usable, else the reason to skip the sample."""
+    if caption is None:
+        return "missing caption"
+    if isinstance(caption, bytes):
+        return "caption is not UTF-8"
+    if not isinstance(caption, str):
+        return f"caption is not text ({type(caption).__name__})"
+    if not caption.strip():
+        return "empty caption"
+    return None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode to RGB: EXIF orientation applied, transparency composited on white."""
+    if not data:
+        raise ValueError("empty file")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+@dataclass
+class Preprocessed:
+    pixels: torch.Tensor          # (3, R, R) in [-1, 1]
+    time_ids: torch.Tensor        # (6,) original_h, original_w, crop_top, crop_left, target_h, target_w
+    time_ids_flipped: torch.Tensor  # the same crop seen in the mirrored image
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size, BILINEAR) on a PIL image: shorter side -> size, longer truncated."""
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    return image.resize((new_w, new_h), Image.BILINEAR)
+
+
+def crop_origin(height: int, width: int, resolution: int, center_crop: bool, rng: random.Random) -> tuple[int, int]:
+    """Top-left corner of the crop: centered as diffusers rounds it, or uniform like RandomCrop."""
+    if center_crop:
+        return max(0, int(round((height - resolution) / 2.0))), max(0, int(round((width - resolution) / 2.0)))
+    return rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC -> float (3, H, W) in [-1, 1] (ToTensor + Normalize([0.5], [0.5]))."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+
+def preprocess(image: Image.Image, resolution: int, center_crop: bool, crop_seed: str) -> Preprocessed:
+    """Resize, crop and normalize one image; the crop of a random-crop cache is fixed by crop_seed."""
+    original_h, original_w = image.height, image.width
+    image = resize_shorter_side(image, resolution)
+    resized_width = image.width
+    top, left = crop_origin(image.height, image.width, resolution, center_crop, random.Random(crop_seed))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    # Mirroring the crop equals cropping the mirrored image at the mirrored left edge.
+    left_flipped = resized_width - resolution - left
+    size = (original_h, original_w)
+    return Preprocessed(
+        pixels=to_pixels(image),
+        time_ids=time_ids(size, (top, left), resolution),
+        time_ids_flipped=time_ids(size, (top, left_flipped), resolution),
+    )
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning: original_size + crops_coords_top_left + target_size."""
+    return torch.tensor([*original_size, *crop_top_left, resolution, resolution], dtype=torch.float32)

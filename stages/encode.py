@@ -1,0 +1,273 @@
+"""Stage 1: run every image once through the FP32 VAE and both text encoders into the shard cache.
+
+    dataset records -> decode + preprocess (worker processes) -> VAE latent_dist (mean, std) of the
+    image and of its mirror -> prompt embeddings of the caption -> CacheWriter shards -> manifest
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cache.format import MANIFEST_NAME, PROGRESS_NAME, CacheError, Manifest, fingerprint
+from cache.writer import CacheWriter, remove_cache_files
+from stages.data import Source, check_caption, decode_image, open_source, preprocess
+from stages.errors import UserError
+from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
+
+DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+
+
+@dataclass
+class EncodeConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id, local diffusers folder, or single-file .safetensors checkpoint."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant of --model, e.g. fp16."})
+    model_config: str | None = field(default=None, metadata={"help": "Single-file checkpoints only: diffusers folder or hub id with the matching configs (default: inferred by diffusers)."})
+    vae: str | None = field(default=None, metadata={"help": "Override the VAE: hub id, folder or single file (e.g. an fp16-fix VAE)."})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub dataset id, imagefolder (metadata.jsonl/csv), save_to_disk folder, or folder of images with .txt captions."})
+    split: str = field(default="train", metadata={"help": "Dataset split."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a hub/imagefolder/save_to_disk dataset."})
+    caption_column: str = field(default="text", metadata={"help": "Caption column of a hub/imagefolder/save_to_disk dataset."})
+    cache: str = field(default="./cache", metadata={"help": "Cache folder to write."})
+    resolution: int = field(default=512, metadata={"help": "Shorter side is resized to this, then a square crop of this size."})
+    center_crop: bool = field(default=True, metadata={"help": "Center crop (default) or one random crop per image, recorded in time_ids."})
+    flip: bool = field(default=True, metadata={"help": "Also encode the mirrored image so training can flip per step (p=0.5)."})
+    cache_dtype: str = field(default="fp16", metadata={"help": "Storage dtype of latents and embeddings."})
+    batch_size: int = field(default=8, metadata={"help": "Images per VAE / text-encoder batch."})
+    shard_size: int = field(default=256, metadata={"help": "Samples per shard file."})
+    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
+    num_workers: int = field(default=2, metadata={"help": "Processes decoding and preprocessing images."})
+    seed: int = field(default=42, metadata={"help": "Seed of --random-crop (crops are a function of seed and key)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache made with other settings."})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and every weight's bytes: identifies the encoder exactly."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config or {}),
+                        sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizers, text_encoders, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt embeddings, as StableDiffusionXLPipeline.encode_prompt computes them (no clip-skip).
+
+    Returns prompt_embeds (B, 77, 768+1280) = penultimate hidden states of both encoders, concatenated,
+    and pooled_prompt_embeds (B, 1280) = text_encoder_2's projected text_embeds.
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's: text_embeds of CLIPTextModelWithProjection
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP32 VAE posterior: (mean, std), each (B, 4, H/8, W/8), unscaled."""
+    dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+    return dist.mean, dist.std
+
+
+def count_truncated(tokenizers, captions: list[str]) -> int:
+    return sum(any(len(tok(c).input_ids) > tok.model_max_length for tok in tokenizers) for c in captions)
+
+
+class PreprocessDataset(Dataset):
+    """Decodes and preprocesses one record per item; failures come back as a skip reason."""
+
+    def __init__(self, source: Source, start: int, cfg: EncodeConfig):
+        self.source, self.start, self.cfg = source, start, cfg
+
+    def __len__(self):
+        return len(self.source.records) - self.start
+
+    def __getitem__(self, i):
+        rec = self.source.records[self.start + i]
+        item = {"key": rec.key, "caption": rec.caption}
+        reason = check_caption(rec.caption)
+        if reason:
+            return {**item, "skip": reason}
+        try:
+            data = self.source.read_bytes(rec)
+            image = decode_image(data)
+        except Exception as e:  # any decoder failure is a property of the file: record and skip
+            return {**item, "skip": f"cannot decode image: {type(e).__name__}: {e}"}
+        pre = preprocess(image, self.cfg.resolution, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}")
+        return {**item, "source": self.source.identity(rec, data), "pre": pre}
+
+
+def _describe_difference(old: Manifest, new: Manifest) -> str:
+    diffs = []
+    for part, value in new.encoder["weights"].items():
+        if old.encoder.get("weights", {}).get(part) != value:
+            diffs.append(f"{part} weights")
+    for k, v in new.preprocessing.items():
+        if old.preprocessing.get(k) != v:
+            diffs.append(f"{k} {old.preprocessing.get(k)} -> {v}")
+    if old.dtype != new.dtype:
+        diffs.append(f"cache dtype {old.dtype} -> {new.dtype}")
+    if old.dataset.get("records_sha256") != new.dataset.get("records_sha256"):
+        diffs.append("dataset records (files or captions)")
+    return ", ".join(diffs) or "format"
+
+
+def encode(cfg: EncodeConfig, log=print) -> Manifest:
+    """Build (or resume, or confirm) the cache described by cfg; returns its manifest."""
+    if cfg.cache_dtype not in ("fp16", "bf16", "fp32"):
+        raise UserError(f"--cache-dtype must be fp16, bf16 or fp32, not {cfg.cache_dtype}")
+    device = resolve_device(cfg.device)
+    cache = Path(cfg.cache)
+    started = time.time()
+
+    source = open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column)
+    if not source.records:
+        raise UserError(f"no images found in dataset {cfg.dataset}")
+    record_ids = hashlib.sha256(json.dumps([(r.key, r.caption if isinstance(r.caption, str) else None)
+                                            for r in source.records]).encode()).hexdigest()
+
+    model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config)
+    log(f"loading VAE and text encoders from {cfg.model}" + (f" (VAE: {cfg.vae})" if cfg.vae else ""))
+    parts = load_encoders(model, cfg.vae)
+    vae, tokenizers = parts["vae"], (parts["tokenizer"], parts["tokenizer_2"])
+    text_encoders = (parts["text_encoder"], parts["text_encoder_2"])
+    weights = {name: weights_hash(parts[name]) for name in ("vae", "text_encoder", "text_encoder_2")}
+    preprocessing = {"resolution": cfg.resolution, "center_crop": cfg.center_crop, "flip": cfg.flip}
+
+    manifest = Manifest(
+        fingerprint=fingerprint(weights, preprocessing, cfg.cache_dtype),
+        encoder={**model.describe(), "vae": cfg.vae, "weights": weights},
+        preprocessing=preprocessing, dtype=cfg.cache_dtype,
+        scaling_factor=float(vae.config.scaling_factor),
+        shift_factor=getattr(vae.config, "shift_factor", None),
+        dataset={"name": cfg.dataset, "split": cfg.split, "num_records": len(source.records),
+                 "records_sha256": record_ids},
+        config=asdict(cfg),
+    )
+
+    if (cache / MANIFEST_NAME).exists() and not cfg.overwrite:
+        try:
+            old = Manifest.load(cache)
+        except CacheError as e:
+            raise UserError(f"{e}; pass --overwrite to replace it") from e
+        if old.fingerprint == manifest.fingerprint and old.dataset.get("records_sha256") == record_ids:
+            log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
+            return old
+        raise UserError(f"cache {cache} was made with other settings ({_describe_difference(old, manifest)}); "
+                        "pass --overwrite to replace it, or choose another --cache")
+    if cfg.overwrite:
+        remove_cache_files(cache)
+    elif (cache / PROGRESS_NAME).exists():
+        journal = json.loads((cache / PROGRESS_NAME).read_text())["manifest"]
+        if journal.get("dataset", {}).get("records_sha256") != record_ids:
+            raise UserError(f"{cache} holds an unfinished encode of other data; rerun that command, "
+                            "or pass --overwrite to start over")
+    elif cache.exists() and any(cache.iterdir()):
+        raise UserError(f"{cache} exists and is not a cache of this project; choose another --cache")
+
+    writer = CacheWriter(cache, manifest, cfg.shard_size, resume=True)
+    if writer.records_done:
+        log(f"resuming an unfinished encode: {writer.records_done}/{len(source.records)} records already done")
+    vae.to(device)
+    for te in text_encoders:
+        te.to(device)
+
+    loader = DataLoader(PreprocessDataset(source, writer.records_done, cfg), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, collate_fn=list)
+    truncated = 0
+    with tqdm(total=len(source.records), initial=writer.records_done, desc="encode", unit="img") as bar:
+        for batch in loader:
+            good = [item for item in batch if "skip" not in item]
+            if good:
+                encoded = _encode_batch(good, vae, tokenizers, text_encoders, cfg.flip)
+                truncated += count_truncated(tokenizers, [item["caption"] for item in good])
+            for item in batch:
+                if "skip" in item:
+                    writer.skip(item["key"], item["skip"])
+                else:
+                    writer.add(encoded.pop(0), item["key"], item["caption"], item["source"])
+            bar.update(len(batch))
+    manifest = writer.finish()
+
+    if truncated:
+        log(f"warning: {truncated} caption(s) are longer than 77 tokens and were truncated")
+    if manifest.skipped:
+        log(f"skipped {len(manifest.skipped)} input(s); reasons are listed under 'skipped' in {cache / MANIFEST_NAME}")
+    if not manifest.samples:
+        raise UserError(f"no usable images in {cfg.dataset}: all {len(manifest.skipped)} inputs were skipped "
+                        f"(see {cache / MANIFEST_NAME})")
+    total_bytes = sum(s.bytes for s in manifest.shards)
+    log(f"encoded {manifest.num_samples} samples ({len(manifest.skipped)} skipped) into {len(manifest.shards)} "
+        f"shard(s), {total_bytes / 1e6:.1f} MB, in {time.time() - started:.1f} s -> {cache}")
+    return manifest
+
+
+def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[dict]:
+    """Encode a batch of preprocessed items; returns one dict of unbatched tensors per item."""
+    pixels = torch.stack([item["pre"].pixels for item in items])  # (B, 3, R, R)
+    n = len(items)
+    if flip:
+        pixels = torch.cat([pixels, pixels.flip(-1)])  # mirrored copies encoded in the same pass
+    mean, std = encode_latents(vae, pixels)
+    prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, [item["caption"] for item in items])
+    out = []
+    for i, item in enumerate(items):
+        sample = {
+            "latent_mean": mean[i], "latent_std": std[i],
+            "prompt_embeds": prompt_embeds[i], "pooled_prompt_embeds": pooled[i],
+            "time_ids": item["pre"].time_ids,
+        }
+        if flip:
+            sample.update(latent_mean_flipped=mean[n + i], latent_std_flipped=std[n + i],
+                          time_ids_flipped=item["pre"].time_ids_flipped)
+        out.append({k: v.detach().cpu() for k, v in sample.items()})
+    return out
+
+
+def describe(manifest: Manifest) -> str:
+    """The manifest for humans (`pipeline.py info`)."""
+    m = manifest
+    total = sum(s.bytes for s in m.shards)
+    lines = [
+        f"format version   {m.format_version}",
+        f"created          {m.created}",
+        f"samples          {m.num_samples} ({len(m.skipped)} skipped)",
+        f"shards           {len(m.shards)}, {total / 1e6:.1f} MB",
+        f"model            {m.encoder.get('model')} (revision {m.encoder.get('revision')}, variant {m.encoder.get('variant')})",
+        f"vae override     {m.encoder.get('vae')}",
+        f"dataset          {m.dataset.get('name')} [{m.dataset.get('split')}]",
+        f"resolution       {m.preprocessing.get('resolution')}",
+        f"crop             {'center' if m.preprocessing.get('center_crop') else 'random (recorded)'}",
+        f"flip             {m.preprocessing.get('flip')}",
+        f"dtype            {m.dtype}",
+        f"scaling factor   {m.scaling_factor}" + (f", shift {m.shift_factor}" if m.shift_factor else ""),
+        f"fingerprint      {m.fingerprint}",
+    ]
+    for s in m.skipped[:20]:
+        lines.append(f"skipped          {s['key']}: {s['reason']}")
+    if len(m.skipped) > 20:
+        lines.append(f"skipped          ... and {len(m.skipped) - 20} more (see manifest.json)")
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Where SDXL parts come from: a hub id, a local diffusers folder, or one single-file checkpoint.
+
+Also the bundled full-size architecture configs (for `bench` and parameter counts without a
+download) and the tiny SDXL-shaped model used by the tests and the demo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.errors import UserError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# SDXL base 1.0 UNet architecture (unet/config.json of the hub model), so that full-size memory and
+# speed can be measured with random weights and no download.
+SDXL_UNET_CONFIG = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+    center_input_sample=False, cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5, norm_num_groups=32, out_channels=4,
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+)
+# SDXL base 1.0 scheduler/scheduler_config.json: the noise schedule training uses.
+SDXL_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", clip_sample=False,
+    sample_max_value=1.0, set_alpha_to_one=False,
+)
+
+
+@dataclass
+class ModelSource:
+    """A model reference resolved to one of the three kinds of source."""
+    model: str                 # hub id, local diffusers folder, or single-file checkpoint path
+    revision: str | None = None
+    variant: str | None = None
+    model_config: str | None = None  # single file only: diffusers folder / hub id describing its configs
+
+    @property
+    def kind(self) -> str:
+        if os.path.isfile(self.model):
+            return "single_file"
+        if os.path.isdir(self.model):
+            return "folder"
+        if self.model.endswith(SINGLE_FILE_SUFFIXES) or self.model.startswith((".", "/", "~")):
+            raise UserError(f"model path not found: {self.model}")
+        return "hub"
+
+    def describe(self) -> dict:
+        return {"model": self.model, "revision": self.revision, "variant": self.variant,
+                "model_config": self.model_config, "kind": self.kind}
+
+
+def _pretrained_kwargs(src: ModelSource) -> dict:
+    kw = {}
+    if src.kind == "hub":
+        kw["revision"] = src.revision
+    if src.variant and src.kind != "single_file":
+        kw["variant"] = src.variant
+    return kw
+
+
+def _load_errors():
+    """Errors that mean 'this part is not there' rather than a bug."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    return (OSError, EnvironmentError, LocalEntryNotFoundError, HFValidationError, ValueError)
+
+
+def load_encoders(src: ModelSource, vae: str | None = None) -> dict:
+    """Load the VAE (FP32), both tokenizers and both text encoders; never the UNet.
+
+    Returns a dict with keys vae, tokenizer, tokenizer_2, text_encoder, text_encoder_2.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = {}
+    if src.kind == "single_file":
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                src.model, config=src.model_config, unet=None, torch_dtype=torch.float32)
+        except _load_errors() as e:
+            raise UserError(f"cannot load single-file checkpoint {src.model}: {_first_line(e)}") from e
+        parts = {k: getattr(pipe, k) for k in ("vae", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
+        for k, v in parts.items():
+            if v is None:
+                raise UserError(f"single-file checkpoint {src.model} has no {k}")
+    else:
+        loaders = {"tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
+        for name, cls in loaders.items():
+            if name == "vae" and vae:
+                continue
+            kw = _pretrained_kwargs(src)
+            if cls is CLIPTokenizer:
+                kw.pop("variant", None)
+            try:
+                parts[name] = cls.from_pretrained(src.model, subfolder=name, **kw)
+            except _load_errors() as e:
+                raise UserError(f"model {src.model} has no usable '{name}' part: {_first_line(e)}") from e
+    if vae:
+        parts["vae"] = load_vae(vae)
+    parts["vae"] = parts["vae"].to(torch.float32)
+    for m in ("vae", "text_encoder", "text_encoder_2"):
+        parts[m].requires_grad_(False).eval()
+    return parts
+
+
+def load_vae(vae: str):
+    """A VAE override: a diffusers folder / hub id (e.g. madebyollin/sdxl-vae-fp16-fix) or a single file."""
+    from diffusers import AutoencoderKL
+    try:
+        if os.path.isfile(vae):
+            return AutoencoderKL.from_single_file(vae, torch_dtype=torch.float32)
+        if os.path.isdir(os.path.join(vae, "vae")):
+            return AutoencoderKL.from_pretrained(vae, subfolder="vae")
+        return AutoencoderKL.from_pretrained(vae)
+    except _load_errors() as e:
+        raise UserError(f"cannot load VAE {vae}: {_first_line(e)}") from e
+
+
+def load_unet(src: ModelSource, dtype: torch.dtype = torch.float32):
+    """Load the UNet alone, in `dtype`."""
+    from diffusers import UNet2DConditionModel
+    try:
+        if src.kind == "single_file":
+            return UNet2DConditionModel.from_single_file(
+                src.model, config=src.model_config, subfolder="unet", torch_dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(
+            src.model, subfolder="unet", torch_dtype=dtype, **_pretrained_kwargs(src))
+    except _load_errors() as e:
+        raise UserError(f"model {src.model} has no usable 'unet' part: {_first_line(e)}") from e
+
+
+def load_noise_scheduler(src: ModelSource):
+    """The model's own training noise schedule (DDPM with its betas and prediction type).
+
+    A single-file checkpoint carries no scheduler config: use --model-config's, else SDXL base's.
+    """
+    from diffusers import DDPMScheduler
+    folder = src.model_config if src.kind == "single_file" else src.model
+    if folder is None:
+        return DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    try:
+        kw = {"revision": src.revision} if src.kind == "hub" else {}
+        return DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+    except _load_errors() as e:
+        raise UserError(f"model {folder} has no usable 'scheduler' part: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny SDXL-shaped model: real diffusers/transformers classes, tiny widths, random weights.
+# Same structure as SDXL (two CLIP encoders, penultimate hidden states, pooled projection,
+# text_time micro-conditioning, VAE downsampling by 8) so every code path is the real one.
+
+TINY_TEXT_1 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                   projection_dim=32, hidden_act="quick_gelu")
+TINY_TEXT_2 = dict(hidden_size=64, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                   projection_dim=32, hidden_act="gelu")
+TINY_TIME_EMBED_DIM = 8
+
+
+def tiny_unet_config() -> dict:
+    cross = TINY_TEXT_1["hidden_size"] + TINY_TEXT_2["hidden_size"]
+    return dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2], cross_attention_dim=cross,
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TINY_TEXT_2["projection_dim"] + 6 * TINY_TIME_EMBED_DIM,
+        norm_num_groups=8,
+    )
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A character-level CLIP BPE vocabulary (plus a few merges), written as vocab.json/merges.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ".,!?'-:;()\"/&"
+    merges = ["t h", "th e</w>", "a n", "an d</w>", "i n", "o n</w>", "e r", "r e"]
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    for c in chars:
+        tokens += [c, c + "</w>"]
+    for m in merges:
+        tokens.append(m.replace(" ", ""))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny random-weight SDXL pipeline and save it with save_pretrained; returns the folder."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "_tokenizer_src"
+    write_tiny_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                                pad_token="!")
+    vocab_size = len(tokenizer)
+    text_kw = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_1, **text_kw))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_2, **text_kw))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025,
+    )
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SDXL_SCHEDULER_CONFIG.items()
+                                          if k not in ("clip_sample", "sample_max_value", "set_alpha_to_one")})
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder

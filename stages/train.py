@@ -1,0 +1,441 @@
+"""Stage 2: train a UNet LoRA from the cache. Loads the UNet only; never the VAE or text encoders.
+
+    CacheReader -> deterministic order (seed, epoch) -> pinned prefetch -> training_step
+    (the whole recipe, one function) -> checkpoint-N/ -> pytorch_lora_weights.safetensors
+
+Every random draw is a pure function of (seed, position): the epoch order, the per-sample flip,
+the latent sample, the noise and the timesteps. Resume regenerates them instead of storing RNG state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cache import CacheReader, epoch_order
+from cache.format import write_json_atomic
+from stages.encode import resolve_device
+from stages.errors import UserError
+from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, save_lora
+from stages.sdxl import ModelSource, load_noise_scheduler, load_unet
+
+
+@dataclass
+class TrainConfig:
+    cache: str = field(default="./cache", metadata={"help": "Cache folder written by `encode`."})
+    output: str = field(default="./sdxl-naruto-lora", metadata={"help": "Output folder for the LoRA, checkpoints and logs."})
+    model: str | None = field(default=None, metadata={"help": "UNet source: hub id, diffusers folder or single file (default: the model recorded in the cache)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --model (default: the cache's)."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant of --model, e.g. fp16 (default: the cache's)."})
+    model_config: str | None = field(default=None, metadata={"help": "Single-file --model only: folder or hub id with its configs."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/rank."})
+    target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Comma-separated UNet module names that get LoRA."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward: far less memory, ~30% slower."})
+    batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch."})
+    grad_accum: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ..."})
+    warmup_steps: int = field(default=100, metadata={"help": "Warmup, in optimizer steps."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Clip the gradient norm to this."})
+    optimizer: str = field(default="adamw8bit", metadata={"help": "adamw8bit (bitsandbytes, CUDA; else falls back to adamw) or adamw."})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU."})
+    attention: str = field(default="auto", metadata={"help": "auto = xformers when installed and working on the GPU, else PyTorch SDPA."})
+    seed: int = field(default=42, metadata={"help": "Seed of the data order, flips, latent draws, noise and timesteps."})
+    checkpoint_every: int = field(default=200, metadata={"help": "Save checkpoint-N/ every this many optimizer steps (0: never)."})
+    max_bad_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
+    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
+    num_workers: int = field(default=2, metadata={"help": "Data-loading processes (0: in the main process)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished LoRA or an earlier run in --output."})
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+# ---------------------------------------------------------------------------------------- randomness
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The CPU generator of one micro-batch: a pure function of (seed, micro-batch index)."""
+    return torch.Generator().manual_seed((seed << 32) + micro_step)
+
+
+def draw_noise(shape: torch.Size, num_timesteps: int, generator: torch.Generator):
+    """(latent_eps, noise, timesteps) for a micro-batch of latents of `shape`, drawn in this order."""
+    latent_eps = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
+    return latent_eps, noise, timesteps
+
+
+def use_flipped(seed: int, position: int) -> bool:
+    """The per-sample, per-visit orientation choice (p = 0.5)."""
+    g = torch.Generator().manual_seed((seed << 32) + (1 << 31) + position)
+    return bool(torch.rand((), generator=g) < 0.5)
+
+
+# ------------------------------------------------------------------------------------------- data
+class CacheStream(Dataset):
+    """Item p = the p-th sample the run visits: epoch p // N in that epoch's order, orientation drawn."""
+
+    KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+
+    def __init__(self, reader: CacheReader, seed: int):
+        self.reader, self.seed = reader, seed
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __len__(self):  # positions are unbounded; the sampler decides which are visited
+        return 1 << 62
+
+    def __getitem__(self, position: int) -> dict:
+        n = len(self.reader)
+        epoch = position // n
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(n, self.seed, epoch)}
+        sample = self.reader[int(self._orders[epoch][position % n])]
+        suffix = "_flipped" if self.reader.flipped and use_flipped(self.seed, position) else ""
+        return {k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS}
+
+
+def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device):
+    """Yield (optimizer_step, [micro-batch dicts on device]) from `first_step` to cfg.max_steps."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    positions = range(first_step * per_step, cfg.max_steps * per_step)
+    loader = DataLoader(CacheStream(reader, cfg.seed), batch_size=cfg.batch_size, sampler=positions,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    step, group = first_step, []
+    for batch in loader:
+        group.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        if len(group) == cfg.grad_accum:
+            yield step, group
+            step, group = step + 1, []
+
+
+# ------------------------------------------------------------------------------- the training step
+def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Diffusion loss of one micro-batch from cached inputs (the reference recipe)."""
+    mean, std = batch["latent_mean"].float(), batch["latent_std"].float()  # (B, 4, H/8, W/8), scaled
+    latent_eps, noise, timesteps = (x.to(mean.device) for x in
+                                    draw_noise(mean.shape, noise_scheduler.config.num_train_timesteps, generator))
+    latents = mean + std * latent_eps  # a fresh sample of the VAE posterior, as on-the-fly training draws
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
+    added = {"text_embeds": batch["pooled_prompt_embeds"].to(dtype), "time_ids": batch["time_ids"].to(dtype)}
+    model_pred = unet(noisy_latents, timesteps, batch["prompt_embeds"].to(dtype), added_cond_kwargs=added).sample
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+def training_step(model: "Model", micro: list[dict], step: int, cfg: TrainConfig) -> dict:
+    """One optimizer step: accumulate over micro-batches, clip, step (or skip if non-finite)."""
+    total = 0.0
+    for i, batch in enumerate(micro):
+        generator = step_generator(cfg.seed, step * cfg.grad_accum + i)
+        with torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None):
+            loss = compute_loss(model.unet, model.noise_scheduler, batch, generator)
+        model.scaler.scale(loss / len(micro)).backward()
+        total += loss.detach().float()
+    loss = total / len(micro)
+    model.scaler.unscale_(model.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm)
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if finite:
+        model.scaler.step(model.optimizer)
+    model.scaler.update()  # with fp16, an overflow lowers the scale; otherwise a no-op
+    model.optimizer.zero_grad(set_to_none=True)
+    lr = model.lr_scheduler.get_last_lr()[0]
+    model.lr_scheduler.step()
+    # With a GradScaler, inf gradients while the scale calibrates are expected, not a failure.
+    bad = not bool(torch.isfinite(loss)) or (not finite and not model.scaler.is_enabled())
+    return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": lr, "skipped": not finite, "bad": bad}
+
+
+# ------------------------------------------------------------------------------------------ setup
+@dataclass
+class Model:
+    unet: torch.nn.Module
+    noise_scheduler: object
+    params: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    resolved: dict  # what "auto" settings became, for train_config.json
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast / frozen-base dtype: None means plain fp32."""
+    if device.type != "cuda":
+        if mixed_precision in ("fp16", "bf16"):
+            raise UserError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; use auto or no on CPU")
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("--mixed-precision bf16: this GPU has no bf16 support; use fp16 or auto")
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def check_cache_fits(unet, reader: CacheReader) -> None:
+    """Stop early, with the mismatch named, when the cache was encoded for another architecture."""
+    sample = reader[0]
+    c = unet.config
+    problems = []
+    if sample["latent_mean"].shape[0] != c.in_channels:
+        problems.append(f"latent channels {sample['latent_mean'].shape[0]} vs UNet in_channels {c.in_channels}")
+    if sample["prompt_embeds"].shape[-1] != c.cross_attention_dim:
+        problems.append(f"prompt_embeds width {sample['prompt_embeds'].shape[-1]} vs cross_attention_dim {c.cross_attention_dim}")
+    if c.addition_embed_type != "text_time":
+        problems.append("the UNet has no SDXL text_time conditioning")
+    else:
+        expected = sample["pooled_prompt_embeds"].shape[-1] + 6 * c.addition_time_embed_dim
+        if expected != c.projection_class_embeddings_input_dim:
+            problems.append(f"pooled + time_ids width {expected} vs UNet's {c.projection_class_embeddings_input_dim}")
+    if problems:
+        raise UserError(f"cache {reader.path} does not fit this UNet: " + "; ".join(problems))
+
+
+def enable_attention(unet, attention: str, device: torch.device, log) -> str:
+    """SDPA (diffusers' default) or xformers when it really works here (checked with a real call)."""
+    if attention == "sdpa" or device.type != "cuda":
+        if attention == "xformers":
+            raise UserError("--attention xformers needs a CUDA GPU")
+        return "sdpa"
+    try:
+        import xformers.ops
+        q = torch.randn(1, 8, 2, 40, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception as e:  # missing, or built for another torch/CUDA: fall back, say so once
+        if attention == "xformers":
+            raise UserError(f"--attention xformers does not work here: {type(e).__name__}: {e}") from e
+        if not isinstance(e, ImportError):
+            log(f"note: xformers is installed but does not work here ({type(e).__name__}); using PyTorch SDPA")
+        return "sdpa"
+
+
+def make_optimizer(name: str, params, cfg: TrainConfig, device: torch.device, log):
+    if name == "adamw8bit":
+        if device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+                return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "adamw8bit"
+            except Exception as e:
+                log(f"note: bitsandbytes 8-bit AdamW is unavailable ({type(e).__name__}: {e}); using AdamW")
+        else:
+            log("note: 8-bit AdamW needs a CUDA GPU; using AdamW")
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **fused), "adamw"
+
+
+def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log) -> Model:
+    enc = reader.manifest.encoder
+    source = ModelSource(cfg.model or enc["model"],
+                         cfg.revision if cfg.model else (cfg.revision or enc.get("revision")),
+                         cfg.variant if cfg.model else (cfg.variant or enc.get("variant")),
+                         cfg.model_config if cfg.model else (cfg.model_config or enc.get("model_config")))
+    autocast_dtype = resolve_precision(cfg.mixed_precision, device)
+    log(f"loading the UNet from {source.model}")
+    unet = load_unet(source, dtype=autocast_dtype or torch.float32)
+    noise_scheduler = load_noise_scheduler(source)
+    check_cache_fits(unet, reader)
+    try:
+        params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device).train()
+    attention = enable_attention(unet, cfg.attention, device, log)
+    optimizer, optimizer_name = make_optimizer(cfg.optimizer, params, cfg, device, log)
+    from diffusers.optimization import get_scheduler
+    try:
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                     num_training_steps=cfg.max_steps)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--lr-scheduler {cfg.lr_scheduler}: {e}") from e
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    trainable = sum(p.numel() for p in params)
+    resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."),
+                "optimizer": optimizer_name, "attention": attention, "trainable_parameters": trainable,
+                "effective_batch": cfg.batch_size * cfg.grad_accum, "device": str(device)}
+    log(f"LoRA r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: {trainable:,} trainable parameters; "
+        f"{resolved['mixed_precision']}, {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}")
+    return Model(unet, noise_scheduler, params, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _flatten_optimizer_state(state: dict) -> tuple[dict, dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().clone().contiguous()
+            else:
+                meta["state"].setdefault(str(index), {})[name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in meta["state"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(model: Model, out: Path, step: int, counters: dict) -> Path:
+    """checkpoint-<step>/: the LoRA (loadable like the final one) + optimizer, scheduler, scaler, step."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(model.unet, tmp)
+    tensors, meta = _flatten_optimizer_state(model.optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_json_atomic(tmp / "training_state.json", {
+        "step": step, "optimizer_meta": meta, "lr_scheduler": model.lr_scheduler.state_dict(),
+        "scaler": model.scaler.state_dict(), "counters": counters})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def load_checkpoint(model: Model, folder: Path) -> tuple[int, dict]:
+    state = json.loads((folder / "training_state.json").read_text())
+    load_lora_weights_into(model.unet, folder)
+    opt = _unflatten_optimizer_state(load_file(str(folder / "optimizer.safetensors")), state["optimizer_meta"])
+    model.optimizer.load_state_dict(opt)
+    model.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state["scaler"]:
+        model.scaler.load_state_dict(state["scaler"])
+    return state["step"], state["counters"]
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "training_state.json").exists():
+            raise UserError(f"--resume {resume}: not a checkpoint folder (no training_state.json)")
+        return path
+    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    found = [p for p in found if (p / "training_state.json").exists()]
+    if not found:
+        raise UserError(f"--resume latest: no checkpoint in {out}")
+    return found[-1]
+
+
+def prepare_output(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to clobber a finished LoRA or another run's checkpoints without --overwrite."""
+    if not out.exists():
+        return
+    finished = (out / LORA_WEIGHTS_NAME).exists()
+    checkpoints = list(out.glob("checkpoint-*"))
+    if cfg.overwrite:
+        for p in checkpoints:
+            shutil.rmtree(p)
+        for name in (LORA_WEIGHTS_NAME, "metrics.jsonl", "train_config.json"):
+            (out / name).unlink(missing_ok=True)
+    elif finished and not cfg.resume:
+        raise UserError(f"{out} already holds a finished LoRA; pass --overwrite to replace it, or choose another --output")
+    elif checkpoints and not cfg.resume:
+        raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume latest to continue it, "
+                        "or --overwrite to start over")
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run stage 2; returns a summary dict (final loss, steps, seconds, peak memory, output)."""
+    out = Path(cfg.output)
+    reader = CacheReader(cfg.cache)
+    if len(reader) == 0:
+        raise UserError(f"cache {cfg.cache} holds no samples")
+    device = resolve_device(cfg.device)
+    prepare_output(out, cfg)
+    torch.manual_seed(cfg.seed)  # LoRA initialization
+    model = setup_model(cfg, reader, device, log)
+
+    start_step, counters = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
+    if cfg.resume:
+        checkpoint = find_checkpoint(out, cfg.resume)
+        start_step, counters = load_checkpoint(model, checkpoint)
+        log(f"resumed from {checkpoint} at step {start_step}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "train_config.json", {**asdict(cfg), "resolved": model.resolved,
+                                                  "cache_fingerprint": reader.manifest.fingerprint})
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.time()
+    last = time.time()
+    per_step = cfg.batch_size * cfg.grad_accum
+    losses = []
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step")
+    with open(metrics_path, "a") as metrics:
+        for step, micro in micro_batches(reader, cfg, start_step, device):
+            result = training_step(model, micro, step, cfg)
+            now = time.time()
+            counters["skipped_steps"] += result["skipped"]
+            counters["bad_in_a_row"] = counters["bad_in_a_row"] + 1 if result["bad"] else 0
+            row = {"step": step + 1, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                   "skipped": result["skipped"], "seconds": round(now - last, 4),
+                   "images_per_s": round(per_step / max(now - last, 1e-9), 3)}
+            if device.type == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            last = now
+            if math.isfinite(result["loss"]):
+                losses.append(result["loss"])
+            bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{row['images_per_s']:.2f}")
+            bar.update(1)
+            if counters["bad_in_a_row"] >= cfg.max_bad_steps:
+                raise UserError(f"stopped: {counters['bad_in_a_row']} non-finite steps in a row at step {step + 1} "
+                                "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                save_checkpoint(model, out, step + 1, counters)
+    bar.close()
+    save_lora(model.unet, out)
+    if cfg.checkpoint_every:
+        save_checkpoint(model, out, cfg.max_steps, counters)
+    summary = {
+        "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - start_step,
+        "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),
+        "seconds": round(time.time() - started, 2), "skipped_steps": counters["skipped_steps"],
+        "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+    }
+    log(f"trained {summary['trained_steps']} steps in {summary['seconds']:.1f} s; final loss "
+        f"{summary['final_loss']:.4f} (mean of last 10)"
+        + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
+        + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
+        + f" -> {out / LORA_WEIGHTS_NAME}")
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows after the checkpoint so the log matches an uninterrupted run."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
