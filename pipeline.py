@@ -24,7 +24,7 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def from_config(cls, name: str, *flags: str, **kw):
@@ -162,6 +162,50 @@ def train(**kwargs):
     """Stage 2: train a UNet LoRA from the cache (loads the UNet only)."""
     from stages.train import train as run
     run(TrainConfig(**kwargs), log=click.echo)
+
+
+# -------------------------------------------------------------------------------- sample and demo
+from stages.sample import SampleConfig  # noqa: E402
+
+
+@cli.command()
+@from_config(SampleConfig, "lora")
+@from_config(SampleConfig, "model")
+@from_config(SampleConfig, "prompt", multiple=True)
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="A file with one prompt per line.")
+@from_config(SampleConfig, "negative_prompt")
+@from_config(SampleConfig, "steps", callback=positive)
+@from_config(SampleConfig, "guidance", callback=non_negative)
+@from_config(SampleConfig, "seed")
+@from_config(SampleConfig, "resolution", callback=positive)
+@from_config(SampleConfig, "lora_scale")
+@from_config(SampleConfig, "compare")
+@from_config(SampleConfig, "out")
+@from_config(SampleConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(SampleConfig, "overwrite")
+@run_stage
+def sample(prompts_file, **kwargs):
+    """Render prompts with base + LoRA; with --compare, also the base model and a labelled grid."""
+    from stages.sample import sample as run
+    if prompts_file:
+        lines = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()]
+        if not lines:
+            raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt")
+        kwargs["prompt"] = tuple(kwargs["prompt"]) + tuple(lines)
+    run(SampleConfig(**kwargs), log=click.echo)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to put the demo's model, images, cache, LoRA and samples (default: a new temporary folder).")
+@click.option("--steps", default=30, show_default=True, callback=positive, help="Training steps.")
+@run_stage
+def demo(workdir, steps):
+    """End to end on CPU in about a minute: tiny model, generated images, encode, train, before/after."""
+    import tempfile
+
+    from stages.demo import run_demo
+    run_demo(workdir or tempfile.mkdtemp(prefix="sdxl-lora-demo-"), steps=steps, log=click.echo)
 
 
 if __name__ == "__main__":

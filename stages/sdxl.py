@@ -16,6 +16,7 @@ import torch
 from stages.errors import UserError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # SDXL base 1.0 UNet architecture (unet/config.json of the hub model), so that full-size memory and
@@ -48,6 +49,8 @@ class ModelSource:
 
     @property
     def kind(self) -> str:
+        if self.model == RANDOM_SDXL:
+            return "random"
         if os.path.isfile(self.model):
             return "single_file"
         if os.path.isdir(self.model):
@@ -129,9 +132,17 @@ def load_vae(vae: str):
         raise UserError(f"cannot load VAE {vae}: {_first_line(e)}") from e
 
 
-def load_unet(src: ModelSource, dtype: torch.dtype = torch.float32):
-    """Load the UNet alone, in `dtype`."""
+def load_unet(src: ModelSource, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+    """Load the UNet alone, in `dtype` (random:sdxl is built directly on `device`, in `dtype`)."""
     from diffusers import UNet2DConditionModel
+    if src.kind == "random":
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device or "cpu"):
+                return UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        finally:
+            torch.set_default_dtype(default)
     try:
         if src.kind == "single_file":
             return UNet2DConditionModel.from_single_file(
@@ -148,7 +159,7 @@ def load_noise_scheduler(src: ModelSource):
     A single-file checkpoint carries no scheduler config: use --model-config's, else SDXL base's.
     """
     from diffusers import DDPMScheduler
-    folder = src.model_config if src.kind == "single_file" else src.model
+    folder = {"single_file": src.model_config, "random": None}.get(src.kind, src.model)
     if folder is None:
         return DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     try:

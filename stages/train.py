@@ -253,7 +253,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
                          cfg.model_config if cfg.model else (cfg.model_config or enc.get("model_config")))
     autocast_dtype = resolve_precision(cfg.mixed_precision, device)
     log(f"loading the UNet from {source.model}")
-    unet = load_unet(source, dtype=autocast_dtype or torch.float32)
+    unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=device)
     noise_scheduler = load_noise_scheduler(source)
     check_cache_fits(unet, reader)
     try:
@@ -282,25 +282,30 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
 
 
 # ------------------------------------------------------------------------------- checkpoints
-def _flatten_optimizer_state(state: dict) -> tuple[dict, dict]:
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().clone().contiguous()
-            else:
-                meta["state"].setdefault(str(index), {})[name] = value
-    return tensors, meta
+def split_tensors(obj, tensors: dict, path: str = "s"):
+    """A JSON-able copy of a state dict with every tensor moved into `tensors` (no pickle anywhere).
+
+    Dicts become {"__dict__": [[key, value], ...]} so that integer keys (optimizer state) survive.
+    """
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, split_tensors(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
 
 
-def _unflatten_optimizer_state(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entry in meta["state"].items():
-        state.setdefault(int(index), {}).update(entry)
-    return {"state": state, "param_groups": meta["param_groups"]}
+def join_tensors(obj, tensors: dict):
+    """Inverse of split_tensors."""
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
 
 
 def save_checkpoint(model: Model, out: Path, step: int, counters: dict) -> Path:
@@ -310,25 +315,25 @@ def save_checkpoint(model: Model, out: Path, step: int, counters: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_lora(model.unet, tmp)
-    tensors, meta = _flatten_optimizer_state(model.optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    write_json_atomic(tmp / "training_state.json", {
-        "step": step, "optimizer_meta": meta, "lr_scheduler": model.lr_scheduler.state_dict(),
-        "scaler": model.scaler.state_dict(), "counters": counters})
+    tensors: dict = {}
+    state = split_tensors({"optimizer": model.optimizer.state_dict(), "lr_scheduler": model.lr_scheduler.state_dict(),
+                           "scaler": model.scaler.state_dict()}, tensors)
+    save_file(tensors, str(tmp / "training_state.safetensors"))
+    write_json_atomic(tmp / "training_state.json", {"step": step, "counters": counters, "state": state})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
 
 
 def load_checkpoint(model: Model, folder: Path) -> tuple[int, dict]:
-    state = json.loads((folder / "training_state.json").read_text())
+    saved = json.loads((folder / "training_state.json").read_text())
     load_lora_weights_into(model.unet, folder)
-    opt = _unflatten_optimizer_state(load_file(str(folder / "optimizer.safetensors")), state["optimizer_meta"])
-    model.optimizer.load_state_dict(opt)
+    state = join_tensors(saved["state"], load_file(str(folder / "training_state.safetensors")))
+    model.optimizer.load_state_dict(state["optimizer"])
     model.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state["scaler"]:
         model.scaler.load_state_dict(state["scaler"])
-    return state["step"], state["counters"]
+    return saved["step"], saved["counters"]
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
@@ -424,6 +429,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),
         "seconds": round(time.time() - started, 2), "skipped_steps": counters["skipped_steps"],
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
     }
     log(f"trained {summary['trained_steps']} steps in {summary['seconds']:.1f} s; final loss "
         f"{summary['final_loss']:.4f} (mean of last 10)"

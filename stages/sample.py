@@ -1,0 +1,140 @@
+"""Render images with the base model and with base + LoRA (same seeds), and a labelled comparison grid.
+
+The VAE always decodes in FP32, so SDXL's fp16-VAE NaN / black-image problem cannot occur.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from stages.encode import resolve_device
+from stages.errors import UserError
+from stages.lora import LORA_WEIGHTS_NAME
+from stages.sdxl import DEFAULT_MODEL
+
+
+@dataclass
+class SampleConfig:
+    lora: str | None = field(default=None, metadata={"help": "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder)."})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base model: hub id or local diffusers folder."})
+    prompt: tuple[str, ...] = field(default=(), metadata={"help": "A prompt (repeatable)."})
+    negative_prompt: str | None = field(default=None, metadata={"help": "Negative prompt for every image."})
+    steps: int = field(default=30, metadata={"help": "Denoising steps."})
+    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    seed: int = field(default=42, metadata={"help": "Seed; image i uses seed + i, the same for base and LoRA."})
+    resolution: int = field(default=1024, metadata={"help": "Image height and width."})
+    lora_scale: float = field(default=1.0, metadata={"help": "Strength of the LoRA."})
+    compare: bool = field(default=False, metadata={"help": "Also render the base model and write a labelled base-vs-LoRA grid."})
+    out: str = field(default="./samples", metadata={"help": "Folder for the PNGs."})
+    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace existing images in --out."})
+
+
+def load_pipeline(model: str, device: torch.device):
+    from diffusers import StableDiffusionXLPipeline
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load base model {model}: {str(e).strip().splitlines()[0]}") from e
+    pipe.vae.to(torch.float32)  # decode in FP32: no fp16 VAE overflow
+    pipe.vae.config.force_upcast = False
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def render(pipe, prompts: list[str], cfg: SampleConfig, lora_scale: float | None) -> list[Image.Image]:
+    """One image per prompt; image i uses seed + i. lora_scale None renders the base model."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(cfg.seed + i)
+        kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+        latents = pipe(prompt, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
+                       guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution,
+                       generator=generator, output_type="latent", **kwargs).images
+        images.append(decode(pipe, latents)[0])
+    return images
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    vae = pipe.vae
+    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor
+    pixels = vae.decode(latents).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str], min_size: int = 256) -> Image.Image:
+    """Rows of images with a label left of each row and a wrapped caption above each column.
+
+    Images smaller than min_size are enlarged (nearest neighbour) so that tiny demo images stay visible.
+    """
+    import textwrap
+    w, h = rows[0][1][0].size
+    zoom = max(1, min_size // max(w, h))
+    w, h = w * zoom, h * zoom
+    label_w, line_h = 110, 14
+    wrapped = [textwrap.wrap(c, width=max(8, w // 7))[:4] for c in captions]
+    caption_h = 8 + line_h * max(len(lines) for lines in wrapped)
+    grid = Image.new("RGB", (label_w + w * len(captions), caption_h + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((label_w + c * w + 4, 4 + k * line_h), line, fill="black")
+    for r, (label, images) in enumerate(rows):
+        draw.text((6, caption_h + r * h + h // 2 - 6), label, fill="black")
+        for c, im in enumerate(images):
+            grid.paste(im.resize((w, h), Image.NEAREST), (label_w + c * w, caption_h + r * h))
+    return grid
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def sample(cfg: SampleConfig, log=print) -> list[Path]:
+    """Write one PNG per prompt (and, with compare, base images and a grid); returns the paths."""
+    prompts = list(cfg.prompt)
+    if not prompts:
+        raise UserError("give at least one --prompt")
+    if cfg.lora and not (Path(cfg.lora) / LORA_WEIGHTS_NAME).exists():
+        raise UserError(f"no {LORA_WEIGHTS_NAME} in {cfg.lora}")
+    out = Path(cfg.out)
+    names = [f"{i:02d}-{slug(p)}" for i, p in enumerate(prompts)]
+    planned = [out / f"{n}.png" for n in names]
+    if cfg.compare:
+        planned += [out / f"{n}-base.png" for n in names] + [out / "compare.png"]
+    existing = [p for p in planned if p.exists()]
+    if existing and not cfg.overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace images in {out}")
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model, device)
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    base = render(pipe, prompts, cfg, lora_scale=None) if (cfg.compare or not cfg.lora) else None
+    if cfg.lora:
+        try:
+            pipe.load_lora_weights(cfg.lora)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"LoRA in {cfg.lora} does not fit {cfg.model}: {str(e).splitlines()[0][:300]}") from e
+        tuned = render(pipe, prompts, cfg, lora_scale=cfg.lora_scale)
+    else:
+        tuned = base
+    for name, im in zip(names, tuned):
+        im.save(out / f"{name}.png")
+        written.append(out / f"{name}.png")
+    if cfg.compare and cfg.lora:
+        for name, im in zip(names, base):
+            im.save(out / f"{name}-base.png")
+            written.append(out / f"{name}-base.png")
+        grid = labelled_grid([("base", base), (f"+ LoRA x{cfg.lora_scale:g}", tuned)], prompts)
+        grid.save(out / "compare.png")
+        written.append(out / "compare.png")
+    log(f"wrote {len(written)} image(s) to {out}")
+    return written
