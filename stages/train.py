@@ -98,12 +98,16 @@ class CacheStream(Dataset):
     def __len__(self):  # positions are unbounded; the sampler decides which are visited
         return 1 << 62
 
-    def __getitem__(self, position: int) -> dict:
+    def index_at(self, position: int) -> int:
+        """The cache index visited at `position`."""
         n = len(self.reader)
         epoch = position // n
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(n, self.seed, epoch)}
-        sample = self.reader[int(self._orders[epoch][position % n])]
+        return int(self._orders[epoch][position % n])
+
+    def __getitem__(self, position: int) -> dict:
+        sample = self.reader[self.index_at(position)]
         suffix = "_flipped" if self.reader.flipped and use_flipped(self.seed, position) else ""
         return {k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS}
 
