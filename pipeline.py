@@ -3,6 +3,7 @@ fields hold the defaults and help texts. No logic here beyond wiring."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
 import sys
@@ -39,6 +40,12 @@ def from_config(cls, name: str, *flags: str, **kw):
                         help=f.metadata.get("help"), **kw)
 
 
+OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
+  --gradient-checkpointing (on by default), --batch-size 1 with a larger --grad-accum,
+  --mixed-precision fp16 or bf16 (not no), --optimizer adamw8bit, a lower --rank,
+  or a cache encoded at a lower --resolution. Checkpoints written so far are intact (--resume latest)."""
+
+
 def run_stage(fn):
     """Turn the project's own errors into a one-line message and a non-zero exit, never a traceback."""
     @functools.wraps(fn)
@@ -50,6 +57,15 @@ def run_stage(fn):
             return fn(*args, **kwargs)
         except (UserError, CacheError) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise click.ClickException(f"disk full while writing {e.filename or 'output'}: free space and rerun the "
+                                       "same command; completed shards and earlier checkpoints are intact") from None
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if "out of memory" not in str(e).lower():
+                raise
+            raise click.ClickException(OUT_OF_MEMORY) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -153,7 +169,9 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "seed")
 @from_config(TrainConfig, "checkpoint_every", callback=non_negative)
 @from_config(TrainConfig, "max_bad_steps", callback=positive)
+@from_config(TrainConfig, "checkpoints_total_limit", type=int, callback=positive)
 @from_config(TrainConfig, "resume")
+@from_config(TrainConfig, "verify_cache", "--verify-cache/--no-verify-cache")
 @from_config(TrainConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
 @from_config(TrainConfig, "num_workers", callback=non_negative)
 @from_config(TrainConfig, "overwrite")

@@ -22,7 +22,8 @@ from stages.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb limit (2x its warning threshold)
+MAX_IMAGE_PIXELS = 178_956_970  # larger images are rejected as decompression bombs (PIL's own hard limit)
+MIN_SIDE_FRACTION = 4  # shorter side below resolution / 4: too small to upscale usefully, rejected
 
 
 @dataclass
@@ -144,8 +145,11 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode to RGB: EXIF orientation applied, transparency composited on white."""
     if not data:
         raise ValueError("empty file")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # checked below, before any pixel is decoded, with our own message
     with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} pixels exceeds the {MAX_IMAGE_PIXELS:,}-pixel limit "
+                             "(possible decompression bomb)")
         im.load()
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from cache.format import MANIFEST_NAME, PROGRESS_NAME, CacheError, Manifest, fingerprint
 from cache.writer import CacheWriter, remove_cache_files
-from stages.data import Source, check_caption, decode_image, open_source, preprocess
-from stages.errors import UserError
+from stages.data import MIN_SIDE_FRACTION, Source, check_caption, decode_image, open_source, preprocess
+from stages.errors import UserError, kill_point
 from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
 
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
@@ -60,8 +60,10 @@ def weights_hash(module: torch.nn.Module) -> str:
     """sha256 of a module's config and every weight's bytes: identifies the encoder exactly."""
     h = hashlib.sha256()
     config = getattr(module, "config", None)
-    h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config or {}),
-                        sort_keys=True, default=str).encode())
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    location = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")  # not the model
+    config = {k: v for k, v in config.items() if k not in location}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -116,6 +118,9 @@ class PreprocessDataset(Dataset):
             image = decode_image(data)
         except Exception as e:  # any decoder failure is a property of the file: record and skip
             return {**item, "skip": f"cannot decode image: {type(e).__name__}: {e}"}
+        if min(image.size) * MIN_SIDE_FRACTION < self.cfg.resolution:
+            return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
+                                    f"{self.cfg.resolution}/{MIN_SIDE_FRACTION}, too small to upscale"}
         pre = preprocess(image, self.cfg.resolution, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}")
         return {**item, "source": self.source.identity(rec, data), "pre": pre}
 
@@ -174,6 +179,9 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
         except CacheError as e:
             raise UserError(f"{e}; pass --overwrite to replace it") from e
         if old.fingerprint == manifest.fingerprint and old.dataset.get("records_sha256") == record_ids:
+            if not old.samples:
+                raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
+                                f"(see {cache / MANIFEST_NAME})")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
             return old
         raise UserError(f"cache {cache} was made with other settings ({_describe_difference(old, manifest)}); "
@@ -209,6 +217,7 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
                     writer.skip(item["key"], item["skip"])
                 else:
                     writer.add(encoded.pop(0), item["key"], item["caption"], item["source"])
+                kill_point("shards", len(writer.manifest.shards))
             bar.update(len(batch))
     manifest = writer.finish()
 

@@ -51,12 +51,12 @@ def save_lora(unet, folder: str | Path) -> Path:
     """Write pytorch_lora_weights.safetensors (with alpha metadata) into `folder`, atomically."""
     from diffusers import StableDiffusionXLPipeline
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-lora")
+    tmp = folder / ".tmp-lora"  # inside the output folder: nothing is written outside it
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     StableDiffusionXLPipeline.save_lora_weights(
         tmp, unet_lora_layers={k: v.detach().float().cpu() for k, v in lora_state_dict(unet).items()},
         unet_lora_adapter_metadata=adapter_metadata(unet.peft_config["default"]), safe_serialization=True)
-    folder.mkdir(parents=True, exist_ok=True)
     with open(tmp / LORA_WEIGHTS_NAME, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)

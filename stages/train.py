@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from cache import CacheReader, epoch_order
 from cache.format import write_json_atomic
 from stages.encode import resolve_device
-from stages.errors import UserError
+from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, save_lora
 from stages.sdxl import ModelSource, load_noise_scheduler, load_unet
 
@@ -55,7 +55,9 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the data order, flips, latent draws, noise and timesteps."})
     checkpoint_every: int = field(default=200, metadata={"help": "Save checkpoint-N/ every this many optimizer steps (0: never)."})
     max_bad_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only this many newest checkpoints (default: keep all)."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
+    verify_cache: bool = field(default=True, metadata={"help": "Check every shard's sha256 before training (seconds per GB)."})
     device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
     num_workers: int = field(default=2, metadata={"help": "Data-loading processes (0: in the main process)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished LoRA or an earlier run in --output."})
@@ -340,17 +342,48 @@ def load_checkpoint(model: Model, folder: Path) -> tuple[int, dict]:
     return saved["step"], saved["counters"]
 
 
-def find_checkpoint(out: Path, resume: str) -> Path:
+def checkpoint_problem(folder: Path) -> str | None:
+    """None if `folder` is a complete, readable checkpoint; else what is wrong with it."""
+    from safetensors import safe_open
+    try:
+        saved = json.loads((folder / "training_state.json").read_text())
+        if not isinstance(saved.get("step"), int):
+            return "training_state.json has no step"
+        for name in ("training_state.safetensors", LORA_WEIGHTS_NAME):
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # header and offsets must be consistent
+    except Exception as e:  # unreadable JSON, a truncated or corrupt safetensors file (SafetensorError), ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders in `out`, oldest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def find_checkpoint(out: Path, resume: str, log) -> Path:
+    """The checkpoint to resume: a given folder, or the newest intact one (falling back past corrupt ones)."""
     if resume != "latest":
         path = Path(resume)
-        if not (path / "training_state.json").exists():
-            raise UserError(f"--resume {resume}: not a checkpoint folder (no training_state.json)")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
         return path
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
-    found = [p for p in found if (p / "training_state.json").exists()]
-    if not found:
-        raise UserError(f"--resume latest: no checkpoint in {out}")
-    return found[-1]
+    for path in reversed(list_checkpoints(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"warning: {path} is unusable ({problem}); trying the previous checkpoint")
+    raise UserError(f"--resume latest: no usable checkpoint in {out}")
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> None:
+    if keep:
+        for path in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(path)
 
 
 def prepare_output(out: Path, cfg: TrainConfig) -> None:
@@ -378,6 +411,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     reader = CacheReader(cfg.cache)
     if len(reader) == 0:
         raise UserError(f"cache {cfg.cache} holds no samples")
+    if cfg.verify_cache:
+        problems = reader.verify()
+        if problems:
+            raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; re-encode it with --overwrite")
     device = resolve_device(cfg.device)
     prepare_output(out, cfg)
     torch.manual_seed(cfg.seed)  # LoRA initialization
@@ -385,7 +422,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     start_step, counters = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
     if cfg.resume:
-        checkpoint = find_checkpoint(out, cfg.resume)
+        checkpoint = find_checkpoint(out, cfg.resume, log)
         start_step, counters = load_checkpoint(model, checkpoint)
         log(f"resumed from {checkpoint} at step {start_step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -424,10 +461,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                 "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
                 save_checkpoint(model, out, step + 1, counters)
+                prune_checkpoints(out, cfg.checkpoints_total_limit)
+            kill_point("step", step + 1)
     bar.close()
     save_lora(model.unet, out)
     if cfg.checkpoint_every:
         save_checkpoint(model, out, cfg.max_steps, counters)
+        prune_checkpoints(out, cfg.checkpoints_total_limit)
     summary = {
         "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - start_step,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),
