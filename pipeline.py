@@ -114,6 +114,7 @@ from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass o
 @from_config(EncodeConfig, "num_workers", callback=non_negative)
 @from_config(EncodeConfig, "seed")
 @from_config(EncodeConfig, "overwrite")
+@from_config(EncodeConfig, "dry_run")
 @run_stage
 def encode(**kwargs):
     """Stage 1: encode images and captions once into a shard cache (VAE and text encoders only)."""

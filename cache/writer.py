@@ -71,9 +71,10 @@ class CacheWriter:
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
-    def skip(self, key: str, reason: str) -> None:
-        """Record an input that could not be used (it counts as consumed)."""
-        self._pending_skips.append({"key": key, "reason": reason})
+    def skip(self, key: str, reason: str, caption: str | None = None, sha256: str | None = None) -> None:
+        """Record an input that could not be used (it counts as consumed); caption and sha256 let a
+        later encode tell whether it has changed since."""
+        self._pending_skips.append({"key": key, "reason": reason, "caption": caption, "sha256": sha256})
         self._pending_records += 1
 
     def flush(self) -> None:

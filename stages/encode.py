@@ -46,6 +46,7 @@ class EncodeConfig:
     num_workers: int = field(default=2, metadata={"help": "Processes decoding and preprocessing images."})
     seed: int = field(default=42, metadata={"help": "Seed of --random-crop (crops are a function of seed and key)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache made with other settings."})
+    dry_run: bool = field(default=False, metadata={"help": "Only report what is stale in an existing cache and why; write nothing."})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,28 +102,84 @@ def count_truncated(tokenizers, captions: list[str]) -> int:
 class PreprocessDataset(Dataset):
     """Decodes and preprocesses one record per item; failures come back as a skip reason."""
 
-    def __init__(self, source: Source, start: int, cfg: EncodeConfig):
-        self.source, self.start, self.cfg = source, start, cfg
+    def __init__(self, source: Source, records: list, cfg: EncodeConfig):
+        self.source, self.records, self.cfg = source, records, cfg
 
     def __len__(self):
-        return len(self.source.records) - self.start
+        return len(self.records)
 
     def __getitem__(self, i):
-        rec = self.source.records[self.start + i]
+        rec = self.records[i]
         item = {"key": rec.key, "caption": rec.caption}
         reason = check_caption(rec.caption)
         if reason:
             return {**item, "skip": reason}
         try:
             data = self.source.read_bytes(rec)
+        except OSError as e:
+            return {**item, "skip": f"cannot read: {e}"}
+        item["source"] = self.source.identity(rec, data)
+        try:
             image = decode_image(data)
         except Exception as e:  # any decoder failure is a property of the file: record and skip
             return {**item, "skip": f"cannot decode image: {type(e).__name__}: {e}"}
         if min(image.size) * MIN_SIDE_FRACTION < self.cfg.resolution:
             return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
                                     f"{self.cfg.resolution}/{MIN_SIDE_FRACTION}, too small to upscale"}
-        pre = preprocess(image, self.cfg.resolution, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}")
-        return {**item, "source": self.source.identity(rec, data), "pre": pre}
+        item["pre"] = preprocess(image, self.cfg.resolution, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}")
+        return item
+
+
+@dataclass
+class Staleness:
+    """How an existing cache (same settings) compares with the dataset as it is now."""
+    kept: list        # SampleInfo still valid
+    kept_skips: list  # skip records whose input is unchanged (still unusable)
+    todo: list        # Records to encode: added, changed, or previously skipped but changed
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    @property
+    def up_to_date(self) -> bool:
+        return not (self.todo or self.removed)
+
+
+def find_stale(old: Manifest, source: Source) -> Staleness:
+    """Compare every record's caption and image bytes (sha256) with what the manifest recorded."""
+    samples = {s.key: s for s in old.samples}
+    skips = {s["key"]: s for s in old.skipped}
+    st = Staleness([], [], [], [], [], [])
+    for rec in source.records:
+        try:
+            digest = hashlib.sha256(source.read_bytes(rec)).hexdigest()
+        except (OSError, ValueError):
+            digest = None
+        caption = rec.caption if isinstance(rec.caption, str) else None
+        if rec.key in samples:
+            s = samples[rec.key]
+            if s.caption == caption and s.source.get("sha256") == digest:
+                st.kept.append(s)
+            else:
+                st.changed.append(rec.key)
+                st.todo.append(rec)
+        elif rec.key in skips:
+            s = skips[rec.key]
+            if s.get("sha256") == digest and s.get("caption") == caption:
+                st.kept_skips.append(s)
+            else:
+                st.changed.append(rec.key)
+                st.todo.append(rec)
+        else:
+            st.added.append(rec.key)
+            st.todo.append(rec)
+    current = {r.key for r in source.records}
+    st.removed = [k for k in list(samples) + list(skips) if k not in current]
+    return st
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _describe_difference(old: Manifest, new: Manifest) -> str:
@@ -173,20 +230,39 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
         config=asdict(cfg),
     )
 
+    todo = source.records
     if (cache / MANIFEST_NAME).exists() and not cfg.overwrite:
         try:
             old = Manifest.load(cache)
         except CacheError as e:
             raise UserError(f"{e}; pass --overwrite to replace it") from e
-        if old.fingerprint == manifest.fingerprint and old.dataset.get("records_sha256") == record_ids:
+        if old.fingerprint != manifest.fingerprint:
+            report = f"cache {cache} was made with other settings ({_describe_difference(old, manifest)})"
+            if cfg.dry_run:
+                log(f"{report}: every sample is stale; only --overwrite can rebuild it")
+                return old
+            raise UserError(f"{report}; a partial update is impossible: pass --overwrite to replace it, "
+                            "or choose another --cache")
+        stale = find_stale(old, source)
+        if stale.up_to_date:
             if not old.samples:
                 raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
                                 f"(see {cache / MANIFEST_NAME})")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
             return old
-        raise UserError(f"cache {cache} was made with other settings ({_describe_difference(old, manifest)}); "
-                        "pass --overwrite to replace it, or choose another --cache")
-    if cfg.overwrite:
+        log(f"cache {cache}: {len(stale.kept)} samples unchanged; stale: {len(stale.added)} added"
+            + (f" ({_names(stale.added)})" if stale.added else "")
+            + f", {len(stale.changed)} changed" + (f" ({_names(stale.changed)})" if stale.changed else "")
+            + f", {len(stale.removed)} removed" + (f" ({_names(stale.removed)})" if stale.removed else ""))
+        if cfg.dry_run:
+            return old
+        # Append-only update: kept samples stay where they are, stale ones go into new shards.
+        manifest.shards, manifest.samples, manifest.skipped = list(old.shards), stale.kept, stale.kept_skips
+        todo = stale.todo
+    elif cfg.dry_run:
+        log(f"no complete cache in {cache}: all {len(source.records)} records would be encoded")
+        return None
+    elif cfg.overwrite:
         remove_cache_files(cache)
     elif (cache / PROGRESS_NAME).exists():
         journal = json.loads((cache / PROGRESS_NAME).read_text())["manifest"]
@@ -198,15 +274,15 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
 
     writer = CacheWriter(cache, manifest, cfg.shard_size, resume=True)
     if writer.records_done:
-        log(f"resuming an unfinished encode: {writer.records_done}/{len(source.records)} records already done")
+        log(f"resuming an unfinished encode: {writer.records_done}/{len(todo)} records already done")
     vae.to(device)
     for te in text_encoders:
         te.to(device)
 
-    loader = DataLoader(PreprocessDataset(source, writer.records_done, cfg), batch_size=cfg.batch_size,
+    loader = DataLoader(PreprocessDataset(source, todo[writer.records_done:], cfg), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=list)
     truncated = 0
-    with tqdm(total=len(source.records), initial=writer.records_done, desc="encode", unit="img") as bar:
+    with tqdm(total=len(todo), initial=writer.records_done, desc="encode", unit="img") as bar:
         for batch in loader:
             good = [item for item in batch if "skip" not in item]
             if good:
@@ -214,7 +290,8 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
                 truncated += count_truncated(tokenizers, [item["caption"] for item in good])
             for item in batch:
                 if "skip" in item:
-                    writer.skip(item["key"], item["skip"])
+                    writer.skip(item["key"], item["skip"], caption=item["caption"] if isinstance(item["caption"], str) else None,
+                                sha256=item.get("source", {}).get("sha256"))
                 else:
                     writer.add(encoded.pop(0), item["key"], item["caption"], item["source"])
                 kill_point("shards", len(writer.manifest.shards))

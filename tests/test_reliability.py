@@ -166,3 +166,39 @@ def test_train_refuses_a_cache_with_a_corrupted_byte_naming_the_shard(tmp_path, 
     shard.write_bytes(bytes(data))
     with pytest.raises(UserError, match=f"corrupt: {shard.name}: sha256 mismatch"):
         train(train_config(cache, tmp_path / "out"), **QUIET)
+
+
+def test_rerun_updates_only_what_is_stale(tmp_path, tiny_model):
+    from stages.demo import make_images
+    folder = make_images(tmp_path / "images", count=5, size=(80, 64), captions="txt")
+    cache = tmp_path / "cache"
+    encode(encode_config(tiny_model, folder, cache, shard_size=2), **QUIET)
+    first = cache_contents(cache)
+    Image.new("RGB", (80, 64), (0, 0, 0)).save(folder / "img_001.png")             # changed bytes
+    (folder / "img_002.txt").write_text("a new caption")                            # changed caption
+    (folder / "img_004.png").unlink()                                               # removed
+    (folder / "img_004.txt").unlink()
+    Image.new("RGB", (80, 64), (9, 9, 9)).save(folder / "img_009.png")               # added
+    (folder / "img_009.txt").write_text("a dark picture")
+    logs = []
+    encode(encode_config(tiny_model, folder, cache, shard_size=2, dry_run=True), log=logs.append)
+    assert any("3 samples unchanged" not in l and "2 samples unchanged; stale: 1 added (img_009.png), "
+               "2 changed (img_001.png, img_002.png), 1 removed (img_004.png)" in l for l in logs), logs
+    assert cache_contents(cache).keys() == first.keys()  # --dry-run wrote nothing
+
+    manifest = encode(encode_config(tiny_model, folder, cache, shard_size=2), **QUIET)
+    assert len(manifest.shards) == 3 + 2  # old shards kept as they are, the 3 stale samples in 2 new ones
+    got = cache_contents(cache)
+    assert sorted(got) == ["img_000.png", "img_001.png", "img_002.png", "img_003.png", "img_009.png"]
+    for key in ("img_000.png", "img_003.png"):  # untouched: the very same tensors
+        assert all(torch.equal(got[key][n], first[key][n]) for n in first[key])
+    assert not torch.equal(got["img_001.png"]["latent_mean"], first["img_001.png"]["latent_mean"])
+    assert not torch.equal(got["img_002.png"]["prompt_embeds"], first["img_002.png"]["prompt_embeds"])
+    fresh = tmp_path / "fresh"
+    encode(encode_config(tiny_model, folder, fresh, shard_size=2), **QUIET)
+    want = cache_contents(fresh)
+    worst = max((got[k][n] - want[k][n]).abs().max().item() for k in want for n in want[k])
+    assert worst <= 1e-5, worst  # == encoding from scratch (other batch mates: float rounding only)
+    logs = []
+    encode(encode_config(tiny_model, folder, cache, shard_size=2), log=logs.append)
+    assert any("up to date" in line for line in logs)
