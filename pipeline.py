@@ -114,6 +114,7 @@ from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass o
 @from_config(EncodeConfig, "num_workers", callback=non_negative)
 @from_config(EncodeConfig, "seed")
 @from_config(EncodeConfig, "overwrite")
+@from_config(EncodeConfig, "validation_prompt", multiple=True)
 @from_config(EncodeConfig, "dry_run")
 @run_stage
 def encode(**kwargs):
@@ -170,7 +171,11 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "seed")
 @from_config(TrainConfig, "checkpoint_every", callback=non_negative)
 @from_config(TrainConfig, "max_bad_steps", callback=positive)
+@from_config(TrainConfig, "validate_every", callback=non_negative)
+@from_config(TrainConfig, "validation_steps", callback=positive)
+@from_config(TrainConfig, "validation_guidance", callback=non_negative)
 @from_config(TrainConfig, "checkpoints_total_limit", type=int, callback=positive)
+@from_config(TrainConfig, "report_to", type=click.Choice(["none", "tensorboard"]))
 @from_config(TrainConfig, "resume")
 @from_config(TrainConfig, "verify_cache", "--verify-cache/--no-verify-cache")
 @from_config(TrainConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -225,6 +230,22 @@ def demo(workdir, steps):
 
     from stages.demo import run_demo
     run_demo(workdir or tempfile.mkdtemp(prefix="sdxl-lora-demo-"), steps=steps, log=click.echo)
+
+
+# ------------------------------------------------------------------------------------------ export
+from stages.export import ExportConfig  # noqa: E402
+
+
+@cli.command()
+@from_config(ExportConfig, "lora", required=True)
+@from_config(ExportConfig, "format", type=click.Choice(["kohya", "diffusers"]))
+@from_config(ExportConfig, "out", required=True)
+@from_config(ExportConfig, "overwrite")
+@run_stage
+def export(**kwargs):
+    """Write a LoRA for A1111 / ComfyUI / Forge (kohya format), or import a kohya file back (diffusers)."""
+    from stages.export import export as run
+    run(ExportConfig(**kwargs), log=click.echo)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
                                   prompt_embeds                        (N, 77, 2048)
                                   pooled_prompt_embeds                 (N, 1280)
                                   time_ids, time_ids_flipped           (N, 6) float32 always
+      validation.safetensors    optional: prompt_embeds (N, 77, 2048) and pooled_prompt_embeds (N, 1280) of the
+                                manifest's validation_prompts, for rendering samples during training
       manifest.json             Manifest below; its presence means the cache is complete
       encode-progress.json      only while an encode is unfinished (resume journal)
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+VALIDATION_NAME = "validation.safetensors"
 PROGRESS_NAME = "encode-progress.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
 DTYPES = ("fp16", "bf16", "fp32")
@@ -60,6 +63,7 @@ class Manifest:
     shift_factor: float | None  # vae.config.shift_factor (None for SDXL)
     dataset: dict = field(default_factory=dict)  # name, split, num_records, records_sha256 (keys+captions)
     config: dict = field(default_factory=dict)   # the resolved encode settings (not fingerprinted)
+    validation_prompts: list[str] = field(default_factory=list)  # rows of validation.safetensors
     shards: list[ShardInfo] = field(default_factory=list)
     samples: list[SampleInfo] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"key", "reason"} of inputs not encoded

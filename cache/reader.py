@@ -63,6 +63,17 @@ class CacheReader:
             sample[name] = value
         return sample
 
+    def validation(self) -> dict | None:
+        """The validation prompts and their embeddings (stored dtype), or None if none were encoded."""
+        from cache.format import VALIDATION_NAME
+        if not self.manifest.validation_prompts:
+            return None
+        path = self.path / VALIDATION_NAME
+        if not path.exists():
+            raise CacheError(f"cache {self.path} lists validation prompts but has no {VALIDATION_NAME}")
+        from safetensors.torch import load_file
+        return {"prompts": list(self.manifest.validation_prompts), **load_file(str(path))}
+
     def verify(self) -> list[str]:
         """Check every shard's size and sha256; returns the problems found (empty: intact)."""
         problems = []

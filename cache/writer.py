@@ -115,9 +115,26 @@ class CacheWriter:
 def remove_cache_files(folder: Path) -> None:
     """Delete a cache's own files (manifest first, so it is never complete-looking while half gone)."""
     folder = Path(folder)
-    for name in (MANIFEST_NAME, PROGRESS_NAME):
+    from cache.format import VALIDATION_NAME
+    for name in (MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME):
         (folder / name).unlink(missing_ok=True)
     for p in folder.glob("shard-*.safetensors"):
         p.unlink()
     for p in folder.glob(".shard-*.safetensors.tmp"):
         p.unlink()
+
+
+def write_validation(folder: Path, manifest: Manifest, prompts: list[str], prompt_embeds: torch.Tensor,
+                     pooled_prompt_embeds: torch.Tensor) -> None:
+    """Store validation prompts' embeddings (atomically), then record the prompts in the manifest."""
+    from cache.format import VALIDATION_NAME
+    folder = Path(folder)
+    tmp = folder / f".{VALIDATION_NAME}.tmp"
+    dtype = TORCH_DTYPES[manifest.dtype]
+    save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
+               "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / VALIDATION_NAME)
+    manifest.validation_prompts = list(prompts)
+    manifest.save(folder)

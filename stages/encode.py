@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache.format import MANIFEST_NAME, PROGRESS_NAME, CacheError, Manifest, fingerprint
-from cache.writer import CacheWriter, remove_cache_files
+from cache.format import MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
+from cache.writer import CacheWriter, remove_cache_files, write_validation
 from stages.data import MIN_SIDE_FRACTION, Source, check_caption, decode_image, open_source, preprocess
 from stages.errors import UserError, kill_point
 from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
@@ -46,6 +46,7 @@ class EncodeConfig:
     num_workers: int = field(default=2, metadata={"help": "Processes decoding and preprocessing images."})
     seed: int = field(default=42, metadata={"help": "Seed of --random-crop (crops are a function of seed and key)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache made with other settings."})
+    validation_prompt: tuple[str, ...] = field(default=(), metadata={"help": "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders."})
     dry_run: bool = field(default=False, metadata={"help": "Only report what is stale in an existing cache and why; write nothing."})
 
 
@@ -198,7 +199,19 @@ def _describe_difference(old: Manifest, new: Manifest) -> str:
 
 
 def encode(cfg: EncodeConfig, log=print) -> Manifest:
-    """Build (or resume, or confirm) the cache described by cfg; returns its manifest."""
+    """Build (or resume, update, or confirm) the cache described by cfg; returns its manifest."""
+    manifest, parts = _encode_samples(cfg, log)
+    if cfg.validation_prompt and manifest is not None and not cfg.dry_run:
+        prompts = list(cfg.validation_prompt)
+        if manifest.validation_prompts != prompts or not (Path(cfg.cache) / VALIDATION_NAME).exists():
+            embeds, pooled = encode_prompts((parts["tokenizer"], parts["tokenizer_2"]),
+                                            (parts["text_encoder"], parts["text_encoder_2"]), prompts)
+            write_validation(Path(cfg.cache), manifest, prompts, embeds.cpu(), pooled.cpu())
+            log(f"stored {len(prompts)} validation prompt(s) for `train --validate-every`")
+    return manifest
+
+
+def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
     if cfg.cache_dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--cache-dtype must be fp16, bf16 or fp32, not {cfg.cache_dtype}")
     device = resolve_device(cfg.device)
@@ -240,7 +253,7 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
             report = f"cache {cache} was made with other settings ({_describe_difference(old, manifest)})"
             if cfg.dry_run:
                 log(f"{report}: every sample is stale; only --overwrite can rebuild it")
-                return old
+                return old, parts
             raise UserError(f"{report}; a partial update is impossible: pass --overwrite to replace it, "
                             "or choose another --cache")
         stale = find_stale(old, source)
@@ -249,19 +262,20 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
                 raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
                                 f"(see {cache / MANIFEST_NAME})")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
-            return old
+            return old, parts
         log(f"cache {cache}: {len(stale.kept)} samples unchanged; stale: {len(stale.added)} added"
             + (f" ({_names(stale.added)})" if stale.added else "")
             + f", {len(stale.changed)} changed" + (f" ({_names(stale.changed)})" if stale.changed else "")
             + f", {len(stale.removed)} removed" + (f" ({_names(stale.removed)})" if stale.removed else ""))
         if cfg.dry_run:
-            return old
+            return old, parts
         # Append-only update: kept samples stay where they are, stale ones go into new shards.
         manifest.shards, manifest.samples, manifest.skipped = list(old.shards), stale.kept, stale.kept_skips
+        manifest.validation_prompts = old.validation_prompts
         todo = stale.todo
     elif cfg.dry_run:
         log(f"no complete cache in {cache}: all {len(source.records)} records would be encoded")
-        return None
+        return None, parts
     elif cfg.overwrite:
         remove_cache_files(cache)
     elif (cache / PROGRESS_NAME).exists():
@@ -308,7 +322,7 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
     total_bytes = sum(s.bytes for s in manifest.shards)
     log(f"encoded {manifest.num_samples} samples ({len(manifest.skipped)} skipped) into {len(manifest.shards)} "
         f"shard(s), {total_bytes / 1e6:.1f} MB, in {time.time() - started:.1f} s -> {cache}")
-    return manifest
+    return manifest, parts
 
 
 def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[dict]:

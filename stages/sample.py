@@ -63,6 +63,33 @@ def render(pipe, prompts: list[str], cfg: SampleConfig, lora_scale: float | None
 
 
 @torch.no_grad()
+def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                      resolution: int, steps: int, guidance: float, seed: int) -> list[Image.Image]:
+    """Render from cached embeddings with a given UNet (e.g. the one being trained): no text encoders.
+
+    The negative embeddings are zeros, as SDXL's pipeline uses for an empty negative prompt
+    (force_zeros_for_empty_prompt); image i uses seed + i.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    device, dtype = unet.device, unet.dtype
+    images = []
+    for i in range(len(prompt_embeds)):
+        pe = prompt_embeds[i:i + 1].to(device, dtype)
+        pp = pooled_prompt_embeds[i:i + 1].to(device, dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+            latents = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=torch.zeros_like(pe),
+                           negative_pooled_prompt_embeds=torch.zeros_like(pp), num_inference_steps=steps,
+                           guidance_scale=guidance, height=resolution, width=resolution,
+                           generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
+        images += decode(pipe, latents)
+    return images
+
+
+@torch.no_grad()
 def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     vae = pipe.vae
     latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor

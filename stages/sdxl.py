@@ -31,6 +31,12 @@ SDXL_UNET_CONFIG = dict(
     projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
 )
+# SDXL base 1.0 vae/config.json (architecture only).
+SDXL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
 # SDXL base 1.0 scheduler/scheduler_config.json: the noise schedule training uses.
 SDXL_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -151,6 +157,23 @@ def load_unet(src: ModelSource, dtype: torch.dtype = torch.float32, device: torc
             src.model, subfolder="unet", torch_dtype=dtype, **_pretrained_kwargs(src))
     except _load_errors() as e:
         raise UserError(f"model {src.model} has no usable 'unet' part: {_first_line(e)}") from e
+
+
+def load_decoder_vae(src: ModelSource, vae: str | None = None):
+    """The FP32 VAE, for decoding validation images during training (the cache's VAE override wins)."""
+    from diffusers import AutoencoderKL
+    if vae:
+        return load_vae(vae)
+    try:
+        if src.kind == "random":
+            return AutoencoderKL(**SDXL_VAE_CONFIG)
+        if src.kind == "single_file":
+            return AutoencoderKL.from_single_file(src.model, config=src.model_config, subfolder="vae",
+                                                  torch_dtype=torch.float32)
+        kw = {k: v for k, v in _pretrained_kwargs(src).items() if k != "variant"}
+        return AutoencoderKL.from_pretrained(src.model, subfolder="vae", **kw)
+    except _load_errors() as e:
+        raise UserError(f"--validate-every needs the model's VAE to decode: {_first_line(e)}") from e
 
 
 def load_noise_scheduler(src: ModelSource):

@@ -26,6 +26,7 @@ from cache.format import write_json_atomic
 from stages.encode import resolve_device
 from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, save_lora
+from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
 from stages.sdxl import ModelSource, load_noise_scheduler, load_unet
 
 
@@ -55,7 +56,11 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the data order, flips, latent draws, noise and timesteps."})
     checkpoint_every: int = field(default=200, metadata={"help": "Save checkpoint-N/ every this many optimizer steps (0: never)."})
     max_bad_steps: int = field(default=10, metadata={"help": "Stop after this many non-finite steps in a row."})
+    validate_every: int = field(default=0, metadata={"help": "Render the cache's validation prompts every N optimizer steps into OUTPUT/samples/ (0: never)."})
+    validation_steps: int = field(default=25, metadata={"help": "Denoising steps of validation images."})
+    validation_guidance: float = field(default=5.0, metadata={"help": "Guidance scale of validation images."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only this many newest checkpoints (default: keep all)."})
+    report_to: str = field(default="none", metadata={"help": "Also log loss, lr and grad_norm per step to a tracker: tensorboard writes OUTPUT/logs (pip install tensorboard)."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from."})
     verify_cache: bool = field(default=True, metadata={"help": "Check every shard's sha256 before training (seconds per GB)."})
     device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
@@ -183,6 +188,7 @@ class Model:
     device: torch.device
     autocast_dtype: torch.dtype | None
     resolved: dict  # what "auto" settings became, for train_config.json
+    source: ModelSource
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -284,7 +290,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
                 "effective_batch": cfg.batch_size * cfg.grad_accum, "device": str(device)}
     log(f"LoRA r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: {trainable:,} trainable parameters; "
         f"{resolved['mixed_precision']}, {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}")
-    return Model(unet, noise_scheduler, params, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved)
+    return Model(unet, noise_scheduler, params, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved, source)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -404,10 +410,54 @@ def prepare_output(out: Path, cfg: TrainConfig) -> None:
                         "or --overwrite to start over")
 
 
+# ------------------------------------------------------------------------------------- validation
+class Validator:
+    """Renders the cache's validation prompts with the training UNet; the FP32 VAE waits on the CPU
+    and visits the GPU only to decode (tiled)."""
+
+    def __init__(self, reader: CacheReader, source: ModelSource, cfg: TrainConfig):
+        from stages.sdxl import load_decoder_vae
+        self.embeddings = reader.validation()
+        if self.embeddings is None:
+            raise UserError(f"--validate-every needs validation prompts in the cache: encode {reader.path} "
+                            "again with --validation-prompt \"...\" (the samples stay as they are)")
+        self.vae = load_decoder_vae(source, reader.manifest.encoder.get("vae")).to(torch.float32).eval()
+        self.vae.requires_grad_(False)
+        self.vae.enable_tiling()
+        self.resolution = int(reader.manifest.preprocessing["resolution"])
+        self.cfg = cfg
+
+    def __call__(self, model: "Model", step: int, out: Path) -> dict:
+        from stages.sample import labelled_grid, render_embeddings
+        device = model.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.unet.eval()
+        self.vae.to(device)
+        try:
+            images = render_embeddings(model.unet, self.vae, model.noise_scheduler, self.embeddings["prompt_embeds"],
+                                       self.embeddings["pooled_prompt_embeds"], self.resolution,
+                                       self.cfg.validation_steps, self.cfg.validation_guidance, self.cfg.seed)
+        finally:
+            self.vae.to("cpu")
+            model.unet.train()
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        path = out / "samples" / f"step-{step:05d}.png"
+        labelled_grid([(f"step {step}", images)], self.embeddings["prompts"]).save(path)
+        row = {"validation_image": str(path.relative_to(out))}
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            row["validation_peak_gib"] = round(peak / 2**30, 3)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)  # later rows' peak_gib: training steps only
+        return row
+
+
 # ------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run stage 2; returns a summary dict (final loss, steps, seconds, peak memory, output)."""
     out = Path(cfg.output)
+    check_report_to(cfg.report_to)  # a missing tracker fails now, not after the UNet is loaded
     reader = CacheReader(cfg.cache)
     if len(reader) == 0:
         raise UserError(f"cache {cfg.cache} holds no samples")
@@ -428,6 +478,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "train_config.json", {**asdict(cfg), "resolved": model.resolved,
                                                   "cache_fingerprint": reader.manifest.fingerprint})
+    validator = Validator(reader, model.source, cfg) if cfg.validate_every else None
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, start_step)
 
@@ -436,9 +487,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     started = time.time()
     last = time.time()
     per_step = cfg.batch_size * cfg.grad_accum
-    losses = []
+    losses, peak_gib = [], None
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step")
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path, "a") as metrics, MetricsLogger(cfg.report_to, out, start_step) as tracker:
         for step, micro in micro_batches(reader, cfg, start_step, device):
             result = training_step(model, micro, step, cfg)
             now = time.time()
@@ -449,8 +500,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
                    "images_per_s": round(per_step / max(now - last, 1e-9), 3)}
             if device.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                peak_gib = max(peak_gib or 0.0, row["peak_gib"])
+            if validator and (step + 1) % cfg.validate_every == 0:
+                row.update(validator(model, step + 1, out))
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            tracker.log(step + 1, row)
             last = now
             if math.isfinite(result["loss"]):
                 losses.append(result["loss"])
@@ -472,7 +527,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - start_step,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),
         "seconds": round(time.time() - started, 2), "skipped_steps": counters["skipped_steps"],
-        "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
         "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
     }
     log(f"trained {summary['trained_steps']} steps in {summary['seconds']:.1f} s; final loss "
@@ -480,6 +535,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
         + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
         + f" -> {out / LORA_WEIGHTS_NAME}")
+    card = write_model_card(out, json.loads((out / "train_config.json").read_text()), reader.manifest, summary)
+    plotted = plot_losses(metrics_path, out / "loss.png", log)
+    log(f"model card -> {card}" + (f"; loss curve -> {out / 'loss.png'}" if plotted else ""))
     return summary
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cache import CacheReader
@@ -288,3 +289,39 @@ def test_missing_cache_and_finished_output_are_one_line_errors(tmp_path, trained
     (half / "manifest.json").write_text((half / "manifest.json").read_text()[:100])
     result = runner.invoke(cli, ["train", "--cache", str(half), "--output", str(tmp_path / "o2")])
     assert result.exit_code == 1 and "unreadable or incomplete" in result.output
+
+
+def test_validation_renders_cached_prompts_like_diffusers_with_the_saved_lora(tmp_path, tiny_model, image_folder):
+    """Validation images come from the training UNet and cached embeddings; they equal what diffusers
+    renders from the prompt text with the saved LoRA loaded, same seed."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+
+    from stages.encode import encode
+    from tests.conftest import encode_config
+    cache = tmp_path / "cache"
+    prompts = ("a red circle on a blue background", "a green square")
+    encode(encode_config(tiny_model, image_folder, cache, validation_prompt=prompts), **QUIET)
+    assert CacheReader(cache).validation()["prompt_embeds"].shape[0] == 2
+    out = tmp_path / "out"
+    train(train_config(cache, out, max_steps=4, validate_every=2, validation_steps=3), **QUIET)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("validation_image") for r in rows] == [None, "samples/step-00002.png", None, "samples/step-00004.png"]
+
+    from stages.sample import labelled_grid
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(out)
+    pipe.set_progress_bar_config(disable=True)
+    images = [pipe(p, num_inference_steps=3, guidance_scale=5.0, height=RESOLUTION, width=RESOLUTION,
+                   generator=torch.Generator("cpu").manual_seed(42 + i)).images[0] for i, p in enumerate(prompts)]
+    expected = np.asarray(labelled_grid([("step 4", images)], list(prompts)), dtype=np.int16)
+    got = np.asarray(Image.open(out / "samples" / "step-00004.png"), dtype=np.int16)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 2
+    first = np.asarray(Image.open(out / "samples" / "step-00002.png"), dtype=np.int16)
+    assert np.abs(first - got).max() > 2  # training between the two validations changed the images
+
+
+def test_validate_every_without_prompts_in_the_cache_is_a_clear_error(tmp_path, fp32_cache):
+    from stages.errors import UserError
+    with pytest.raises(UserError, match="encode .* again with --validation-prompt"):
+        train(train_config(fp32_cache, tmp_path / "out", validate_every=1), **QUIET)
