@@ -188,6 +188,35 @@ def train(**kwargs):
     run(TrainConfig(**kwargs), log=click.echo)
 
 
+# ------------------------------------------------------------------------------------------- bench
+from stages.bench import BenchConfig  # noqa: E402
+
+
+@cli.command()
+@from_config(BenchConfig, "model")
+@from_config(BenchConfig, "resolution", callback=positive)
+@from_config(BenchConfig, "batch_size", callback=positive)
+@from_config(BenchConfig, "grad_accum", callback=positive)
+@from_config(BenchConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
+@from_config(BenchConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
+@from_config(BenchConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
+@from_config(BenchConfig, "rank", callback=positive)
+@from_config(BenchConfig, "alpha", callback=positive)
+@from_config(BenchConfig, "target_modules")
+@from_config(BenchConfig, "compile", type=click.Choice(["none", "regional"]))
+@from_config(BenchConfig, "steps", callback=positive)
+@from_config(BenchConfig, "warmup", callback=non_negative)
+@from_config(BenchConfig, "baseline")
+@from_config(BenchConfig, "vram_budget")
+@from_config(BenchConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(BenchConfig, "seed")
+@run_stage
+def bench(**kwargs):
+    """Measure a training configuration: peak memory, images/s, time to first step, MFU (same step as train)."""
+    from stages.bench import bench as run
+    run(BenchConfig(**kwargs), log=click.echo)
+
+
 # -------------------------------------------------------------------------------- sample and demo
 from stages.sample import SampleConfig  # noqa: E402
 

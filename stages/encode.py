@@ -79,10 +79,16 @@ def encode_prompts(tokenizers, text_encoders, captions: list[str]) -> tuple[torc
     Returns prompt_embeds (B, 77, 768+1280) = penultimate hidden states of both encoders, concatenated,
     and pooled_prompt_embeds (B, 1280) = text_encoder_2's projected text_embeds.
     """
+    token_ids = [tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids for tokenizer in tokenizers]
+    return encode_token_ids(text_encoders, token_ids)
+
+
+@torch.no_grad()
+def encode_token_ids(text_encoders, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_prompts from token ids (B, 77) per encoder."""
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+    for ids, encoder in zip(token_ids, text_encoders):
         out = encoder(ids.to(encoder.device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's: text_embeds of CLIPTextModelWithProjection

@@ -74,15 +74,6 @@ def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return peft
 
 
-def to_diffusers(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft keys -> the keys `save_lora` writes (`to_q.lora.down.weight`, ...), without `unet.`.
-
-    Source: diffusers' `convert_state_dict_to_diffusers` (PEFT -> DIFFUSERS), as `stages.lora.lora_state_dict`.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    return convert_state_dict_to_diffusers(peft)
-
-
 def module_ranks(peft: dict[str, torch.Tensor]) -> dict[str, int]:
     """Rank of each module: the rows of its lora_A (kohya: lora_down) weight."""
     return {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in peft.items() if k.endswith(".lora_A.weight")}
@@ -387,6 +378,6 @@ def export(cfg: ExportConfig, log=print) -> Path:
         raise UserError(f"--out {out} must be a folder for --format diffusers")
     refuse_existing(out / LORA_WEIGHTS_NAME, cfg.overwrite)
     peft, ranks, alphas = kohya_to_peft(read_kohya_lora(source))
-    written = write_diffusers(to_diffusers(peft), adapter_config(ranks, alphas), out)
+    written = write_diffusers(peft, adapter_config(ranks, alphas), out)  # peft keys, as stages.lora.save_lora
     log(f"wrote diffusers LoRA ({_describe(ranks, alphas)}) to {written}")
     return written

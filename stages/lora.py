@@ -41,10 +41,14 @@ def attach_lora(unet, rank: int, alpha: float, target_modules: list[str]):
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key layout (without the `unet.` prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights with peft's key names (`…lora_A.weight`, `…lora_B.weight`), without `unet.`.
+
+    All keys in one style on purpose: diffusers converts old-style keys (`lora.down/up`) only when the
+    first key is old-style, so a file mixing both styles (which diffusers' convert_state_dict_to_diffusers
+    produces for targets beyond attention) would silently lose weights on load.
+    """
     from peft.utils import get_peft_model_state_dict
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(unet, folder: str | Path) -> Path:

@@ -112,7 +112,8 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         "## Result",
         "",
         f"- steps trained: {trained_line}",
-        f"- final loss: {_fmt(summary.get('final_loss', float('nan')))} (mean of the last 10 steps)",
+        f"- final loss: {_fmt(summary.get('final_loss', float('nan')))} (mean of the last "
+        f"{min(10, trained) if trained else 10} steps)",
     ]
     if skipped:
         lines.append(f"- non-finite steps skipped: {skipped}")
@@ -242,7 +243,7 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, log=print) -> boo
             label=f"moving average ({window} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(f"training loss ({Path(metrics_path).name})")
+    ax.set_title(f"training loss: {Path(metrics_path).resolve().parent.name}")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -37,6 +37,13 @@ SDXL_VAE_CONFIG = dict(
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2,
     norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
 )
+# SDXL base 1.0 text_encoder/ (CLIP ViT-L) and text_encoder_2/ (OpenCLIP bigG) architectures.
+SDXL_TEXT_ENCODER_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                projection_dim=768)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                                  projection_dim=1280)
 # SDXL base 1.0 scheduler/scheduler_config.json: the noise schedule training uses.
 SDXL_SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -157,6 +164,29 @@ def load_unet(src: ModelSource, dtype: torch.dtype = torch.float32, device: torc
             src.model, subfolder="unet", torch_dtype=dtype, **_pretrained_kwargs(src))
     except _load_errors() as e:
         raise UserError(f"model {src.model} has no usable 'unet' part: {_first_line(e)}") from e
+
+
+def unet_config(src: ModelSource) -> dict:
+    """The UNet's config without loading weights (bundled for random:sdxl)."""
+    from diffusers import UNet2DConditionModel
+    if src.kind == "random":
+        return dict(SDXL_UNET_CONFIG)
+    if src.kind == "single_file":
+        return dict(UNet2DConditionModel.load_config(src.model_config or DEFAULT_MODEL, subfolder="unet"))
+    return dict(UNet2DConditionModel.load_config(src.model, subfolder="unet", **_pretrained_kwargs(src)))
+
+
+def random_encoders(device: torch.device) -> dict:
+    """Full-size SDXL VAE and text encoders with random weights, FP32, built on `device` (baselines)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    with torch.device(device):
+        parts = {"vae": AutoencoderKL(**SDXL_VAE_CONFIG),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
+                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))}
+    for m in parts.values():
+        m.requires_grad_(False).eval()
+    return parts
 
 
 def load_decoder_vae(src: ModelSource, vae: str | None = None):

@@ -114,7 +114,7 @@ def test_lora_loads_in_diffusers_with_alpha_and_matches_trained_unet(trained, ti
     with safe_open(str(out / LORA_WEIGHTS_NAME), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert all(k.startswith("unet.") for k in keys)
+    assert all(k.startswith("unet.") and (k.endswith("lora_A.weight") or k.endswith("lora_B.weight")) for k in keys)
     assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 8.0
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
@@ -254,7 +254,7 @@ def test_end_to_end_cli_encode_once_train_twice(tmp_path, tiny_model, image_fold
         assert config["learning_rate"] == float(lr) and config["rank"] == rank
         assert (tmp_path / name / "checkpoint-1" / LORA_WEIGHTS_NAME).exists()
     assert tree_digest(cache) == before  # training never writes to the cache
-    key = next(k for k in runs["a"] if k.endswith("lora.down.weight"))
+    key = next(k for k in runs["a"] if k.endswith("lora_A.weight"))
     assert runs["a"][key].shape[0] == 4 and runs["b"][key].shape[0] == 8
 
 
