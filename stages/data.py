@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +74,7 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
                 table = table[split]
             return _table_source(str(path), table, image_column, caption_column)
         if any((path / m).exists() for m in METADATA_FILES):
-            import datasets
-            table = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
-            return _table_source(str(path), table, image_column, caption_column, root=path)
+            return _imagefolder_source(path, caption_column)
         return _kohya_source(path)
     if path.exists():
         raise UserError(f"--dataset must be a folder or a hub dataset id, not a file: {dataset}")
@@ -91,7 +88,34 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
     return _table_source(dataset, table, image_column, caption_column)
 
 
-def _table_source(name, table, image_column, caption_column, root: Path | None = None) -> Source:
+def _imagefolder_source(root: Path, caption_column: str) -> Source:
+    """A folder with metadata.jsonl or metadata.csv (imagefolder convention: `file_name` + caption column).
+
+    Read directly rather than through `datasets.load_dataset("imagefolder")`, which would write an Arrow
+    cache under ~/.cache: nothing is written outside the folders the user named.
+    """
+    import csv
+    import json
+    meta = next(root / m for m in METADATA_FILES if (root / m).exists())
+    try:
+        if meta.suffix == ".jsonl":
+            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            with open(meta, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise UserError(f"{meta} is unreadable: {e}") from e
+    columns = sorted({k for row in rows for k in row})
+    missing = [c for c in ("file_name", caption_column) if c not in columns]
+    if missing:
+        raise UserError(f"{meta} has no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(columns)}); "
+                        "use --caption-column")
+    records = [Record(str(Path(row["file_name"])), row.get(caption_column), str(root / row["file_name"]))
+               for row in rows]
+    return Source(str(root), records)
+
+
+def _table_source(name, table, image_column, caption_column) -> Source:
     import datasets
     missing = [c for c in (image_column, caption_column) if c not in table.column_names]
     if missing:
@@ -99,12 +123,7 @@ def _table_source(name, table, image_column, caption_column, root: Path | None =
                         f"(columns: {', '.join(table.column_names)}); use --image-column / --caption-column")
     # Raw bytes, decoded by us: a broken image becomes a recorded skip instead of a crash.
     table = table.cast_column(image_column, datasets.Image(decode=False))
-    captions = table[caption_column]
-    if root is not None:  # imagefolder: key = the file's path inside the folder
-        paths = [cell["path"] for cell in table.select_columns([image_column])[image_column]]
-        records = [Record(os.path.relpath(p, root), c, p) for p, c in zip(paths, captions)]
-    else:
-        records = [Record(f"{i:08d}", c, i) for i, c in enumerate(captions)]
+    records = [Record(f"{i:08d}", c, i) for i, c in enumerate(table[caption_column])]
     return Source(name, records, table, image_column)
 
 

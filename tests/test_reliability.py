@@ -202,3 +202,42 @@ def test_rerun_updates_only_what_is_stale(tmp_path, tiny_model):
     logs = []
     encode(encode_config(tiny_model, folder, cache, shard_size=2), log=logs.append)
     assert any("up to date" in line for line in logs)
+
+
+def test_out_of_memory_and_disk_full_are_short_messages(monkeypatch, tmp_path, fp32_cache):
+    import errno
+
+    from click.testing import CliRunner
+
+    import stages.train
+    from pipeline import cli
+    args = ["train", "--cache", str(fp32_cache), "--max-steps", "2", "--checkpoint-every", "1", "--num-workers", "0"]
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(stages.train, "training_step", oom)
+    result = CliRunner().invoke(cli, args + ["--output", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "ran out of memory" in result.output and "--grad-accum" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b" / "checkpoint-1"))
+    monkeypatch.setattr(stages.train, "save_checkpoint", full)
+    result = CliRunner().invoke(cli, args + ["--output", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "disk full while writing" in result.output and "checkpoint-1" in result.output
+
+
+def test_reading_an_imagefolder_writes_nothing_outside_the_named_folders(tmp_path, monkeypatch, image_folder):
+    import datasets.config
+
+    from stages.data import open_source
+    hf_cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_cache))
+    before = {p: p.stat().st_mtime for p in image_folder.rglob("*")}
+    source = open_source(str(image_folder))
+    assert [r.key for r in source.records] == [f"img_{i:03d}.png" for i in range(6)]
+    assert source.read_bytes(source.records[0]) == (image_folder / "img_000.png").read_bytes()
+    assert not hf_cache.exists()
+    assert {p: p.stat().st_mtime for p in image_folder.rglob("*")} == before

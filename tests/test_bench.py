@@ -1,0 +1,43 @@
+"""bench: the same training step as train, on a tiny config on CPU; FLOP counting; budgets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.bench import BenchConfig, bench, parse_size, unet_forward_flops
+from stages.errors import UserError
+from tests.test_train import QUIET
+
+
+def test_bench_runs_the_training_step_with_and_without_baseline(tiny_model):
+    logs = []
+    rows = bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=1, baseline=True, device="cpu"),
+                 log=logs.append)
+    assert [r["recipe"] for r in rows] == ["baseline: all FP32, encode every step", "cached inputs, UNet only"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["unet_forward_tflop_per_image"] > 0
+        assert r["trainable_parameters"] == 295_936  # what train prints for the same LoRA on this model
+        assert r["last_loss"] > 0
+    assert any(line.startswith("speed-up vs baseline") for line in logs)
+    assert sum(line.startswith("{") for line in logs) == 2  # one JSON line per run
+
+
+def test_flop_count_is_linear_in_batch_and_grows_with_resolution(tiny_model):
+    from stages.sdxl import ModelSource, load_unet
+    unet = load_unet(ModelSource(str(tiny_model))).eval()
+
+    def batch(b, side):
+        return {"latent_mean": torch.randn(b, 4, side, side), "prompt_embeds": torch.randn(b, 77, 96),
+                "pooled_prompt_embeds": torch.randn(b, 32), "time_ids": torch.zeros(b, 6)}
+    one, two, big = (unet_forward_flops(unet, batch(b, s)) for b, s in ((1, 8), (2, 8), (1, 16)))
+    assert two == 2 * one and one > 0
+    # 4x the pixels: the spatial part grows >= 4x, the text/time embedding part not at all
+    assert 2 * one < big < 16 * one
+
+
+def test_parse_size_and_budget_errors():
+    assert parse_size("16GiB") == 16 * 2**30 and parse_size("12000MB") == 12 * 10**9
+    with pytest.raises(UserError, match="give a size"):
+        parse_size("lots")
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        bench(BenchConfig(vram_budget="8GiB", device="cpu"), **QUIET)

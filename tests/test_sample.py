@@ -1,0 +1,73 @@
+"""sample: base vs base + LoRA with the same seeds, the labelled grid, and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from stages.errors import UserError
+from stages.lora import LORA_WEIGHTS_NAME
+from stages.sample import SampleConfig, sample
+from tests.test_train import QUIET, trained  # noqa: F401  (module fixture: a 3-step LoRA)
+
+
+def config(lora, model, out, **kw):
+    base = dict(lora=str(lora), model=str(model), prompt=("a red circle on a blue background",), steps=2,
+                guidance=5.0, resolution=64, compare=True, out=str(out), device="cpu")
+    base.update(kw)
+    return SampleConfig(**base)
+
+
+def test_compare_renders_base_and_lora_with_the_same_seed(trained, tiny_model, tmp_path):  # noqa: F811
+    from diffusers import StableDiffusionXLPipeline
+    out, _ = trained
+    paths = sample(config(out, tiny_model, tmp_path / "s"), **QUIET)
+    names = sorted(p.name for p in paths)
+    assert names == ["00-a-red-circle-on-a-blue-background-base.png", "00-a-red-circle-on-a-blue-background.png",
+                     "compare.png"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=5.0, height=64,
+                    width=64, generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    base = np.asarray(Image.open(tmp_path / "s" / names[0]), dtype=np.int16)
+    tuned = np.asarray(Image.open(tmp_path / "s" / names[1]), dtype=np.int16)
+    assert np.abs(base - np.asarray(expected, dtype=np.int16)).max() <= 2  # base = diffusers, same seed
+    assert np.abs(base - tuned).max() > 2  # the LoRA changes the image
+    grid = Image.open(tmp_path / "s" / "compare.png")
+    assert grid.width > 256 and grid.height > 2 * 256  # two rows of images enlarged to >= 256 px
+
+
+def test_existing_images_are_not_overwritten(trained, tiny_model, tmp_path):  # noqa: F811
+    out, _ = trained
+    cfg = config(out, tiny_model, tmp_path / "s", compare=False)
+    sample(cfg, **QUIET)
+    before = (tmp_path / "s" / "00-a-red-circle-on-a-blue-background.png").read_bytes()
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        sample(cfg, **QUIET)
+    assert (tmp_path / "s" / "00-a-red-circle-on-a-blue-background.png").read_bytes() == before
+    sample(config(out, tiny_model, tmp_path / "s", compare=False, overwrite=True), **QUIET)
+
+
+def test_missing_and_mismatched_loras_are_clear_errors(trained, tiny_model, tmp_path):  # noqa: F811
+    out, _ = trained
+    with pytest.raises(UserError, match="no pytorch_lora_weights.safetensors"):
+        sample(config(tmp_path / "nowhere", tiny_model, tmp_path / "s"), **QUIET)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    tensors = load_file(str(out / LORA_WEIGHTS_NAME))
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] + 3) if k.endswith("lora_A.weight") else v
+               for k, v in tensors.items()}, str(wrong / LORA_WEIGHTS_NAME))
+    with pytest.raises(UserError, match="does not fit"):
+        sample(config(wrong, tiny_model, tmp_path / "s2"), **QUIET)
+
+
+def test_empty_prompts_file_is_a_usage_error(tmp_path, tiny_model):
+    from pipeline import cli
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    result = CliRunner().invoke(cli, ["sample", "--model", str(tiny_model), "--prompts-file", str(empty),
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "holds no prompt" in result.output
