@@ -9,8 +9,14 @@
                                   time_ids, time_ids_flipped           (N, 6) float32 always
       validation.safetensors    optional: prompt_embeds (N, 77, 2048) and pooled_prompt_embeds (N, 1280) of the
                                 manifest's validation_prompts, for rendering samples during training
+      empty_prompt.safetensors  prompt_embeds (77, 2048) and pooled_prompt_embeds (1280,) of the empty caption "",
+                                for `train --caption-dropout`; written by every encode (added by a rerun to
+                                caches made before it existed, without re-encoding the samples)
       manifest.json             Manifest below; its presence means the cache is complete
       encode-progress.json      only while an encode is unfinished (resume journal)
+
+    An encode under torchrun (N processes) writes shard-r<rank>-00000.safetensors, ... and one journal per
+    rank, encode-progress-r<rank>.json; rank 0 merges the journals into the one manifest (merge_parts).
 
 Latents are stored as the VAE produced them; CacheReader applies the recorded scaling (and shift)
 factor, so readers get what the UNet consumes.
@@ -27,8 +33,11 @@ from pathlib import Path
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VALIDATION_NAME = "validation.safetensors"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 PROGRESS_NAME = "encode-progress.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+RANK_SHARD_PATTERN = "shard-r{rank}-{index:05d}.safetensors"  # one rank's shards under torchrun
+RANK_PROGRESS_PATTERN = "encode-progress-r{}.json"  # one rank's journal under torchrun
 DTYPES = ("fp16", "bf16", "fp32")
 
 

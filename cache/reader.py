@@ -74,6 +74,16 @@ class CacheReader:
         from safetensors.torch import load_file
         return {"prompts": list(self.manifest.validation_prompts), **load_file(str(path))}
 
+    def empty_prompt(self) -> dict | None:
+        """The empty caption's prompt_embeds (77, D) and pooled_prompt_embeds (P,) (stored dtype), or None
+        for a cache encoded before they were stored (rerunning encode adds them)."""
+        from cache.format import EMPTY_PROMPT_NAME
+        path = self.path / EMPTY_PROMPT_NAME
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+        return load_file(str(path))
+
     def verify(self) -> list[str]:
         """Check every shard's size and sha256; returns the problems found (empty: intact)."""
         problems = []

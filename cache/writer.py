@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cache.format import (MANIFEST_NAME, PROGRESS_NAME, SHARD_PATTERN, CacheError, Manifest, SampleInfo,
-                          ShardInfo, fsync_dir, sha256_file, write_json_atomic)
+from cache.format import (MANIFEST_NAME, PROGRESS_NAME, RANK_PROGRESS_PATTERN, RANK_SHARD_PATTERN, SHARD_PATTERN,
+                          CacheError, Manifest, SampleInfo, ShardInfo, fsync_dir, sha256_file, write_json_atomic)
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP32_TENSORS = ("time_ids", "time_ids_flipped")  # integers up to 4k+: exact only in fp32
@@ -23,15 +23,24 @@ class CacheWriter:
     `manifest` holds everything but the shards/samples the writer fills in; `records_done` counts
     the input records consumed (encoded or skipped) up to the last flushed shard, which is where an
     interrupted encode resumes.
+
+    With `rank` (torchrun), the writer holds one part of a multi-process encode: its shards are named
+    shard-r<rank>-*, its journal encode-progress-r<rank>.json, and finish() leaves the journal for
+    merge_parts (rank 0, after every rank has finished) instead of writing the manifest.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, shard_size: int, resume: bool = False):
+    def __init__(self, folder: Path, manifest: Manifest, shard_size: int, resume: bool = False,
+                 rank: int | None = None, world_size: int = 1):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         self.folder = Path(folder)
         self.manifest = manifest
         self.shard_size = shard_size
         self.records_done = 0
+        self.rank, self.world_size = rank, world_size
+        self.progress_path = self.folder / (PROGRESS_NAME if rank is None else RANK_PROGRESS_PATTERN.format(rank))
+        # shards, samples and skips the manifest held before this writer (kept ones of an updated cache)
+        self.base = [len(manifest.shards), len(manifest.samples), len(manifest.skipped)]
         self._buffer: list[tuple[dict, SampleInfo]] = []
         self._pending_skips: list[dict] = []
         self._pending_records = 0
@@ -42,10 +51,12 @@ class CacheWriter:
     # -- resume journal --------------------------------------------------------------------
     def _load_progress(self) -> None:
         import json
-        path = self.folder / PROGRESS_NAME
+        path = self.progress_path
         if not path.exists():
             return
         state = json.loads(path.read_text())
+        if self.rank is not None and (state.get("world_size") != self.world_size or state.get("base") != self.base):
+            return  # a part of another run (another split or another starting cache): not this one's progress
         saved = Manifest.from_json(state["manifest"])
         if saved.fingerprint != self.manifest.fingerprint:
             raise CacheError(f"{self.folder} holds an unfinished encode with other settings; "
@@ -59,8 +70,9 @@ class CacheWriter:
         self.records_done = state["records_done"]
 
     def _save_progress(self) -> None:
-        write_json_atomic(self.folder / PROGRESS_NAME,
-                          {"records_done": self.records_done, "manifest": self.manifest.to_json()})
+        part = {} if self.rank is None else {"rank": self.rank, "world_size": self.world_size, "base": self.base}
+        write_json_atomic(self.progress_path, {"records_done": self.records_done, "manifest": self.manifest.to_json(),
+                                               **part})
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, tensors: dict[str, torch.Tensor], key: str, caption: str, source: dict) -> None:
@@ -81,7 +93,7 @@ class CacheWriter:
         """Write the buffered samples as one shard, then journal the progress."""
         if self._buffer:
             index = len(self.manifest.shards)
-            name = SHARD_PATTERN.format(index)
+            name = SHARD_PATTERN.format(index) if self.rank is None else RANK_SHARD_PATTERN.format(rank=self.rank, index=index)
             dtype = TORCH_DTYPES[self.manifest.dtype]
             stacked = {
                 k: torch.stack([t[k] for t, _ in self._buffer]).to(torch.float32 if k in FP32_TENSORS else dtype).contiguous()
@@ -104,8 +116,11 @@ class CacheWriter:
         self._save_progress()
 
     def finish(self) -> Manifest:
-        """Flush the last shard, write the manifest (last), drop the journal."""
+        """Flush the last shard, write the manifest (last), drop the journal. A rank's writer only flushes:
+        its journal is its part, for merge_parts."""
         self.flush()
+        if self.rank is not None:
+            return self.manifest
         self.manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.manifest.save(self.folder)
         (self.folder / PROGRESS_NAME).unlink(missing_ok=True)
@@ -115,9 +130,11 @@ class CacheWriter:
 def remove_cache_files(folder: Path) -> None:
     """Delete a cache's own files (manifest first, so it is never complete-looking while half gone)."""
     folder = Path(folder)
-    from cache.format import VALIDATION_NAME
-    for name in (MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME):
+    from cache.format import EMPTY_PROMPT_NAME, VALIDATION_NAME
+    for name in (MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME, EMPTY_PROMPT_NAME):
         (folder / name).unlink(missing_ok=True)
+    for p in folder.glob(RANK_PROGRESS_PATTERN.format("*")):
+        p.unlink()
     for p in folder.glob("shard-*.safetensors"):
         p.unlink()
     for p in folder.glob(".shard-*.safetensors.tmp"):
@@ -138,3 +155,67 @@ def write_validation(folder: Path, manifest: Manifest, prompts: list[str], promp
     os.replace(tmp, folder / VALIDATION_NAME)
     manifest.validation_prompts = list(prompts)
     manifest.save(folder)
+
+
+def write_empty_prompt(folder: Path, manifest: Manifest, prompt_embeds: torch.Tensor,
+                       pooled_prompt_embeds: torch.Tensor) -> None:
+    """Store the empty caption's embeddings, (77, D) and (P,), once per cache (atomically), for caption dropout."""
+    from cache.format import EMPTY_PROMPT_NAME
+    folder = Path(folder)
+    tmp = folder / f".{EMPTY_PROMPT_NAME}.tmp"
+    dtype = TORCH_DTYPES[manifest.dtype]
+    save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
+               "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / EMPTY_PROMPT_NAME)
+    fsync_dir(folder)
+
+
+def unfinished_encode(folder: Path) -> tuple[int, dict] | None:
+    """(number of processes, journal manifest JSON) of an unfinished encode in `folder`, or None."""
+    import json
+    folder = Path(folder)
+    if (folder / PROGRESS_NAME).exists():
+        return 1, json.loads((folder / PROGRESS_NAME).read_text())["manifest"]
+    for path in sorted(folder.glob(RANK_PROGRESS_PATTERN.format("*"))):
+        state = json.loads(path.read_text())
+        return state["world_size"], state["manifest"]
+    return None
+
+
+def merge_parts(folder: Path, world_size: int) -> Manifest:
+    """Combine the parts of a `world_size`-process encode (the ranks' journals) into the one manifest and
+    write it (last), then drop the journals.
+
+    Rank r encoded the r-th contiguous block of the records, so its samples and skips, appended in rank
+    order after the kept ones they all share, are in the order a single process would have written them.
+    """
+    import dataclasses
+    import json
+    folder = Path(folder)
+    states = []
+    for r in range(world_size):
+        path = folder / RANK_PROGRESS_PATTERN.format(r)
+        if not path.exists():
+            raise CacheError(f"{folder}: rank {r}'s part of the encode is missing ({path.name})")
+        states.append(json.loads(path.read_text()))
+    parts = [Manifest.from_json(s["manifest"]) for s in states]
+    n_shards, n_samples, n_skipped = states[0]["base"]
+    merged = Manifest.from_json(states[0]["manifest"])  # every part carries the same settings and kept prefix
+    merged.shards, merged.samples, merged.skipped = (merged.shards[:n_shards], merged.samples[:n_samples],
+                                                     merged.skipped[:n_skipped])
+    for r, (state, part) in enumerate(zip(states, parts)):
+        if part.fingerprint != merged.fingerprint or state["base"] != states[0]["base"]:
+            raise CacheError(f"{folder}: rank {r}'s part was encoded with other settings or from another cache")
+        if state.get("world_size") != world_size:
+            raise CacheError(f"{folder}: rank {r}'s part belongs to an encode by {state.get('world_size')} processes")
+        offset = len(merged.shards) - n_shards  # the part's shard i becomes merged shard i + offset
+        merged.shards.extend(part.shards[n_shards:])
+        merged.samples.extend(dataclasses.replace(s, shard=s.shard + offset) for s in part.samples[n_samples:])
+        merged.skipped.extend(part.skipped[n_skipped:])
+    merged.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    merged.save(folder)
+    for r in range(world_size):
+        (folder / RANK_PROGRESS_PATTERN.format(r)).unlink(missing_ok=True)
+    return merged

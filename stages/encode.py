@@ -15,8 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache.format import MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
-from cache.writer import CacheWriter, remove_cache_files, write_validation
+from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
+from cache.writer import (CacheWriter, merge_parts, remove_cache_files, unfinished_encode, write_empty_prompt,
+                          write_validation)
+from stages import distributed
 from stages.data import MIN_SIDE_FRACTION, Source, check_caption, decode_image, open_source, preprocess
 from stages.errors import UserError, kill_point
 from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
@@ -207,20 +209,29 @@ def _describe_difference(old: Manifest, new: Manifest) -> str:
 def encode(cfg: EncodeConfig, log=print) -> Manifest:
     """Build (or resume, update, or confirm) the cache described by cfg; returns its manifest."""
     manifest, parts = _encode_samples(cfg, log)
-    if cfg.validation_prompt and manifest is not None and not cfg.dry_run:
+    if cfg.validation_prompt and manifest is not None and not cfg.dry_run and distributed.is_main():
         prompts = list(cfg.validation_prompt)
         if manifest.validation_prompts != prompts or not (Path(cfg.cache) / VALIDATION_NAME).exists():
             embeds, pooled = encode_prompts((parts["tokenizer"], parts["tokenizer_2"]),
                                             (parts["text_encoder"], parts["text_encoder_2"]), prompts)
             write_validation(Path(cfg.cache), manifest, prompts, embeds.cpu(), pooled.cpu())
             log(f"stored {len(prompts)} validation prompt(s) for `train --validate-every`")
+    if manifest is not None and not cfg.dry_run and distributed.is_main() \
+            and not (Path(cfg.cache) / EMPTY_PROMPT_NAME).exists():  # once per cache, for `train --caption-dropout`
+        embeds, pooled = encode_prompts((parts["tokenizer"], parts["tokenizer_2"]),
+                                        (parts["text_encoder"], parts["text_encoder_2"]), [""])
+        write_empty_prompt(Path(cfg.cache), manifest, embeds[0].cpu(), pooled[0].cpu())
+        log("stored the empty caption's embedding for `train --caption-dropout`")
+    distributed.barrier()  # torchrun: every process returns once rank 0 has completed the cache
     return manifest
 
 
 def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
     if cfg.cache_dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--cache-dtype must be fp16, bf16 or fp32, not {cfg.cache_dtype}")
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
+    rank, world = distributed.rank(), distributed.world_size()
+    log = log if rank == 0 else (lambda *a, **k: None)
     cache = Path(cfg.cache)
     started = time.time()
 
@@ -249,6 +260,11 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         config=asdict(cfg),
     )
 
+    unfinished = None if cfg.overwrite else unfinished_encode(cache)  # (processes, journal manifest)
+    if unfinished and unfinished[0] != world:
+        raise UserError(f"{cache} holds an unfinished encode by {unfinished[0]} process(es), this one has {world}: "
+                        "rerun it with the same number of processes (torchrun --nproc-per-node), "
+                        "or pass --overwrite to start over")
     todo = source.records
     if (cache / MANIFEST_NAME).exists() and not cfg.overwrite:
         try:
@@ -283,16 +299,21 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         log(f"no complete cache in {cache}: all {len(source.records)} records would be encoded")
         return None, parts
     elif cfg.overwrite:
-        remove_cache_files(cache)
-    elif (cache / PROGRESS_NAME).exists():
-        journal = json.loads((cache / PROGRESS_NAME).read_text())["manifest"]
+        if rank == 0:
+            remove_cache_files(cache)
+    elif unfinished:
+        journal = unfinished[1]
         if journal.get("dataset", {}).get("records_sha256") != record_ids:
             raise UserError(f"{cache} holds an unfinished encode of other data; rerun that command, "
                             "or pass --overwrite to start over")
     elif cache.exists() and any(cache.iterdir()):
         raise UserError(f"{cache} exists and is not a cache of this project; choose another --cache")
 
-    writer = CacheWriter(cache, manifest, cfg.shard_size, resume=True)
+    part = {}
+    if world > 1:  # torchrun: rank r encodes the r-th contiguous block of the records into its own shards
+        todo, part = todo[len(todo) * rank // world:len(todo) * (rank + 1) // world], {"rank": rank, "world_size": world}
+    distributed.barrier()  # every rank has looked at the folder before any of them writes to it
+    writer = CacheWriter(cache, manifest, cfg.shard_size, resume=True, **part)
     if writer.records_done:
         log(f"resuming an unfinished encode: {writer.records_done}/{len(todo)} records already done")
     vae.to(device)
@@ -302,7 +323,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
     loader = DataLoader(PreprocessDataset(source, todo[writer.records_done:], cfg), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=list)
     truncated = 0
-    with tqdm(total=len(todo), initial=writer.records_done, desc="encode", unit="img") as bar:
+    with tqdm(total=len(todo), initial=writer.records_done, desc="encode", unit="img", disable=rank != 0) as bar:
         for batch in loader:
             good = [item for item in batch if "skip" not in item]
             if good:
@@ -317,6 +338,10 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
                 kill_point("shards", len(writer.manifest.shards))
             bar.update(len(batch))
     manifest = writer.finish()
+    if world > 1:  # once every rank has finished its part, rank 0 merges the parts into the one manifest
+        distributed.barrier()
+        manifest = distributed.on_main(merge_parts, cache, world) or Manifest.load(cache)
+        truncated = distributed.sum_across_ranks(truncated)
 
     if truncated:
         log(f"warning: {truncated} caption(s) are longer than 77 tokens and were truncated")

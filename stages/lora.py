@@ -4,6 +4,11 @@ The saved file is diffusers' `pytorch_lora_weights.safetensors` (keys `unet.…l
 the adapter config in its metadata, so `StableDiffusionXLPipeline.load_lora_weights(dir)` applies
 the trained scale alpha/rank. Without that metadata diffusers assumes alpha = rank, and an r16/alpha32
 adapter would load at half strength.
+
+Variants (`--lora-type`): lora and dora (peft LoraConfig, use_dora) load with `load_lora_weights`;
+loha and lokr (peft LoHaConfig / LoKrConfig; keys `…hada_w1_a`, `…lokr_w1`, ...) are refused by
+diffusers' SDXL loader, so their metadata also names the peft_type and `load_into_pipeline` (or the
+README's snippet) loads them through peft.
 """
 from __future__ import annotations
 
@@ -16,25 +21,85 @@ import torch
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-def lora_config(rank: int, alpha: float, target_modules: list[str]):
-    from peft import LoraConfig
-    # Gaussian A, zero B: the adapted model starts exactly equal to the base.
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+LORA_TYPES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # --lora-type: display name
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2"]
+# `--target-modules` presets: module names that peft matches at the end of a module path. In SDXL's UNet
+# (use_linear_projection) transformer blocks hold to_q/k/v/out.0 (attn1, attn2), ff.net.0.proj / ff.net.2 and
+# proj_in / proj_out; resnet blocks hold time_emb_proj (Linear) and conv1 / conv2 / conv_shortcut (Conv2d).
+TARGET_PRESETS = {
+    "attn": _ATTN,  # the reference: attention projections
+    "attn-ff": _ATTN + _FF,
+    "all-linear": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj"],  # every Linear of those blocks
+    "all": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj", "conv1", "conv2", "conv_shortcut"],  # + Conv2d
+}
+
+
+def resolve_target_modules(spec: str) -> list[str]:
+    """`--target-modules`: a preset name (TARGET_PRESETS) or a comma-separated list of module names."""
+    if spec.strip() in TARGET_PRESETS:
+        return list(TARGET_PRESETS[spec.strip()])
+    return [m.strip() for m in spec.split(",") if m.strip()]
+
+
+def parse_rank_pattern(spec: str | None) -> dict[str, int]:
+    """`--rank-pattern "to_k=8,mid_block.*=32"` -> peft's rank_pattern {"to_k": 8, "mid_block.*": 32}."""
+    pattern = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, rank = item.partition("=")
+        if not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
+            raise ValueError(f"--rank-pattern {item.strip()!r}: expected name=rank with a rank >= 1, e.g. to_k=8")
+        pattern[name.strip()] = int(rank)
+    return pattern
+
+
+def lora_config(rank: int, alpha: float, target_modules: list[str], lora_type: str = "lora",
+                rank_pattern: dict[str, int] | None = None):
+    """The peft config of `lora_type`; every variant starts exactly equal to the base model."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+    kw = dict(r=rank, target_modules=target_modules, rank_pattern=dict(rank_pattern or {}))
+    if lora_type in ("lora", "dora"):  # Gaussian A, zero B (DoRA: magnitudes = the base weights' norms)
+        return LoraConfig(lora_alpha=alpha, init_lora_weights="gaussian", use_dora=lora_type == "dora", **kw)
+    if lora_type == "loha":  # hada_w2_b starts at zero
+        return LoHaConfig(alpha=alpha, **kw)
+    if lora_type == "lokr":  # lokr_w2 (or lokr_w2_b) starts at zero
+        return LoKrConfig(alpha=alpha, **kw)
+    raise ValueError(f"--lora-type {lora_type}: expected one of {', '.join(LORA_TYPES)}")
 
 
 def adapter_metadata(config) -> dict:
-    """The LoraConfig kwargs diffusers rebuilds the adapter from when loading."""
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
-            "lora_dropout": config.lora_dropout, "use_dora": bool(config.use_dora)}
+    """The config kwargs the adapter is rebuilt from when loading: LoraConfig's as diffusers reads them, or
+    (LoHa, LoKr) LoHaConfig's / LoKrConfig's plus peft_type."""
+    meta = {"r": config.r, "target_modules": sorted(config.target_modules)}
+    if config.peft_type == "LORA":
+        meta.update(lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=bool(config.use_dora))
+    else:
+        meta.update(peft_type=str(config.peft_type.value), alpha=config.alpha,
+                    use_effective_conv2d=config.use_effective_conv2d)
+        if config.peft_type == "LOKR":
+            meta.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if getattr(config, key):
+            meta[key] = dict(getattr(config, key))
+    return meta
 
 
-def attach_lora(unet, rank: int, alpha: float, target_modules: list[str]):
-    """Freeze the UNet, add a LoRA adapter, keep the LoRA parameters in fp32; returns them."""
+def attach_lora(unet, rank: int, alpha: float, target_modules: list[str], lora_type: str = "lora",
+                rank_pattern: dict[str, int] | None = None):
+    """Freeze the UNet, add the adapter, keep its parameters in fp32; returns them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import get_pattern_key
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, alpha, target_modules))
+    unet.add_adapter(lora_config(rank, alpha, target_modules, lora_type, rank_pattern))
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"no module of the UNet matches --target-modules {','.join(target_modules)}")
+    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    for key in rank_pattern or {}:  # peft ignores a pattern that matches nothing: a typo would go unnoticed
+        if not any(get_pattern_key([key], name) == key for name in adapted):
+            raise ValueError(f"--rank-pattern {key}: matches no module of --target-modules {','.join(target_modules)}")
     for p in params:
         p.data = p.data.float()
     return params
@@ -78,3 +143,32 @@ def load_lora_weights_into(unet, folder: str | Path) -> None:
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"LoRA file in {folder} does not fit this adapter: {result.unexpected_keys[:3]}")
+
+
+def load_into_pipeline(pipe, folder: str | Path, adapter_name: str | None = None) -> None:
+    """Load a saved adapter of any --lora-type into a diffusers SDXL pipeline.
+
+    lora and dora: diffusers' own `load_lora_weights`. loha and lokr, which that loader refuses: peft, with
+    the config rebuilt from the file's metadata (`add_adapter` + `set_peft_model_state_dict`), the same
+    steps as the README's snippet. `cross_attention_kwargs={"scale": s}` scales every variant.
+    """
+    import json
+
+    from peft import LoHaConfig, LoKrConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(folder) / LORA_WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        raw = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    meta = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+    peft_type = meta.pop("peft_type", "LORA")
+    if peft_type == "LORA":
+        pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+        return
+    adapter_name = adapter_name or "default_0"
+    pipe.unet.add_adapter({"LOHA": LoHaConfig, "LOKR": LoKrConfig}[peft_type](**meta), adapter_name=adapter_name)
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(pipe.unet, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{peft_type} file in {folder} does not fit this UNet: {result.unexpected_keys[:3]}")

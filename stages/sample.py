@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from stages.encode import resolve_device
 from stages.errors import UserError
-from stages.lora import LORA_WEIGHTS_NAME
+from stages.lora import LORA_WEIGHTS_NAME, load_into_pipeline
 from stages.sdxl import DEFAULT_MODEL
 
 
@@ -147,7 +147,7 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
     base = render(pipe, prompts, cfg, lora_scale=None) if (cfg.compare or not cfg.lora) else None
     if cfg.lora:
         try:
-            pipe.load_lora_weights(cfg.lora)
+            load_into_pipeline(pipe, cfg.lora)  # any --lora-type (loha/lokr through peft)
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"LoRA in {cfg.lora} does not fit {cfg.model}: {str(e).splitlines()[0][:300]}") from e
         tuned = render(pipe, prompts, cfg, lora_scale=cfg.lora_scale)

@@ -4,12 +4,16 @@
     (the whole recipe, one function) -> checkpoint-N/ -> pytorch_lora_weights.safetensors
 
 Every random draw is a pure function of (seed, position): the epoch order, the per-sample flip,
-the latent sample, the noise and the timesteps. Resume regenerates them instead of storing RNG state.
+the latent sample, the noise and the timesteps, and the recipe's caption dropout, offset noise and
+timestep strata. Resume regenerates them instead of storing RNG state.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,9 +27,11 @@ from tqdm.auto import tqdm
 
 from cache import CacheReader, epoch_order
 from cache.format import write_json_atomic
+from stages import distributed
 from stages.encode import resolve_device
 from stages.errors import UserError, kill_point
-from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, save_lora
+from stages.lora import (LORA_TYPES, LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, parse_rank_pattern,
+                         resolve_target_modules, save_lora)
 from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
 from stages.sdxl import ModelSource, load_noise_scheduler, load_unet
 
@@ -40,15 +46,24 @@ class TrainConfig:
     model_config: str | None = field(default=None, metadata={"help": "Single-file --model only: folder or hub id with its configs."})
     rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/rank."})
-    target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Comma-separated UNet module names that get LoRA."})
+    target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Comma-separated UNet module names that get the adapter, or a preset: attn (these four), attn-ff, all-linear, all (see README)."})
+    lora_type: str = field(default="lora", metadata={"help": "Adapter, through peft: lora, dora (weight-decomposed), loha (Hadamard product), lokr (Kronecker product); loha/lokr load through peft, not load_lora_weights (see README)."})
+    rank_pattern: str | None = field(default=None, metadata={"help": "Other ranks for some modules: name=rank,... where a name (a regex) matches the end of a module path, e.g. to_k=8,mid_block.*=32 (peft rank_pattern; alpha stays --alpha)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward: far less memory, ~30% slower."})
     batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch."})
     grad_accum: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    scale_lr: bool = field(default=False, metadata={"help": "Under torchrun, multiply --learning-rate by the number of processes (default: use it as given)."})
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ..."})
     warmup_steps: int = field(default=100, metadata={"help": "Warmup, in optimizer steps."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Clip the gradient norm to this."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Offset noise: add this × N(0,1), one value per sample and channel, to the noise (0: off; 0.05-0.1 helps very dark or bright images)."})
+    min_snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-γ loss weights min(SNR, γ)/SNR per sample (v-prediction: /(SNR+1)); 5 is the paper's choice (default: off, plain MSE)."})
+    timestep_sampling: str = field(default="uniform", metadata={"help": "Timesteps: uniform; stratified = one per equal stratum of [0, T) among each optimizer step's samples; logit-normal = sigmoid(N(0,1)) × T (favours middle timesteps)."})
+    prediction_type: str | None = field(default=None, metadata={"help": "Train the UNet to predict epsilon (the noise) or v_prediction (the velocity) (default: the model's scheduler's, epsilon for SDXL base)."})
+    rescale_betas_zero_snr: bool = field(default=False, metadata={"help": "Rescale the noise schedule to zero terminal SNR (diffusers' rescale_betas_zero_snr; pair with --prediction-type v_prediction)."})
+    caption_dropout: float = field(default=0.0, metadata={"help": "Probability of training a sample with the empty caption's embedding instead of its own (0: off)."})
     optimizer: str = field(default="adamw8bit", metadata={"help": "adamw8bit (bitsandbytes, CUDA; else falls back to adamw) or adamw."})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU."})
@@ -69,7 +84,7 @@ class TrainConfig:
 
     @property
     def target_module_list(self) -> list[str]:
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return resolve_target_modules(self.target_modules)
 
 
 # ---------------------------------------------------------------------------------------- randomness
@@ -78,8 +93,17 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed << 32) + micro_step)
 
 
-def draw_noise(shape: torch.Size, num_timesteps: int, generator: torch.Generator):
-    """(latent_eps, noise, timesteps) for a micro-batch of latents of `shape`, drawn in this order."""
+def draw_noise(shape: torch.Size, num_timesteps: int, generator: torch.Generator,
+               rank_slice: tuple[int, int] | None = None):
+    """(latent_eps, noise, timesteps) for a micro-batch of latents of `shape`, drawn in this order.
+
+    rank_slice=(rank, world_size) under torchrun: `shape` is this rank's part of a global micro-batch of
+    world_size × shape[0] samples; the draws are made for the global micro-batch and this rank's rows are
+    returned, so every sample gets exactly the draws of one process training with the global batch."""
+    if rank_slice is not None:
+        rank, world = rank_slice
+        rows = slice(rank * shape[0], (rank + 1) * shape[0])
+        return tuple(x[rows] for x in draw_noise(torch.Size([shape[0] * world, *shape[1:]]), num_timesteps, generator))
     latent_eps = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
     timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
@@ -116,13 +140,34 @@ class CacheStream(Dataset):
     def __getitem__(self, position: int) -> dict:
         sample = self.reader[self.index_at(position)]
         suffix = "_flipped" if self.reader.flipped and use_flipped(self.seed, position) else ""
-        return {k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS}
+        return {**{k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS},
+                "position": torch.tensor(position)}  # per-sample draws of the recipe (caption dropout, strata)
 
 
-def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device):
-    """Yield (optimizer_step, [micro-batch dicts on device]) from `first_step` to cfg.max_steps."""
-    per_step = cfg.batch_size * cfg.grad_accum
-    positions = range(first_step * per_step, cfg.max_steps * per_step)
+class RankPositions:
+    """The stream positions one rank visits: its `batch` rows of every global micro-batch of batch × world
+    positions, micro-batches [first, last). With world 1: range(first * batch, last * batch)."""
+
+    def __init__(self, first: int, last: int, batch: int, rank: int = 0, world: int = 1):
+        self.first, self.last, self.batch, self.rank, self.world = first, last, batch, rank, world
+
+    def __len__(self):
+        return max(self.last - self.first, 0) * self.batch
+
+    def __iter__(self):
+        for m in range(self.first, self.last):
+            start = (m * self.world + self.rank) * self.batch
+            yield from range(start, start + self.batch)
+
+
+def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device,
+                  rank: int = 0, world_size: int = 1):
+    """Yield (optimizer_step, [micro-batch dicts on device]) from `first_step` to cfg.max_steps.
+
+    Under torchrun, rank r gets its slice of every global micro-batch of batch_size × world_size: the
+    positions, in the order, of one process training with that batch."""
+    positions = RankPositions(first_step * cfg.grad_accum, cfg.max_steps * cfg.grad_accum, cfg.batch_size,
+                              rank, world_size)
     loader = DataLoader(CacheStream(reader, cfg.seed), batch_size=cfg.batch_size, sampler=positions,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
@@ -134,12 +179,185 @@ def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device
             step, group = step + 1, []
 
 
+# ------------------------------------------------------------------ training recipes beyond the reference
+TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit-normal")
+
+
+def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, stream name, index), independent of other streams."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def offset_noise(noise: torch.Tensor, offset: float, delta: torch.Tensor) -> torch.Tensor:
+    """eps' = eps + offset * delta, delta ~ N(0,1) of shape (B, C, 1, 1): shifts each sample's channel means.
+
+    Source: N. Guttenberg, "Diffusion with Offset Noise" (Crosslabs, 2023); diffusers'
+    examples/text_to_image/train_text_to_image_sdxl.py (`--noise_offset`)."""
+    return noise + offset * delta
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma)/SNR for an epsilon target, min(SNR, gamma)/(SNR + 1) for v.
+
+    Source: Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy" (ICCV 2023, sec. 3.4);
+    diffusers' examples/text_to_image/train_text_to_image.py (`--snr_gamma`). At SNR 0 (zero terminal SNR) the
+    epsilon weight is its limit, 1."""
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+
+
+def stratified_timesteps(num_timesteps: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """`window` timesteps, one uniform draw in each of `window` equal integer strata of [0, T), in a random order.
+
+    Stratified sampling of t, as in the low-discrepancy sampler of Kingma et al., "Variational Diffusion
+    Models" (NeurIPS 2021, appendix I.1), with an independent offset per stratum. With window > T several
+    samples share a timestep."""
+    order = torch.randperm(window, generator=generator)
+    u = torch.rand(window, generator=generator, dtype=torch.float64)
+    starts = torch.arange(window + 1) * num_timesteps // window  # stratum j = [starts[j], starts[j+1])
+    sizes = (starts[1:] - starts[:-1]).clamp(min=1)
+    t = starts[:-1] + (u * sizes).long()
+    return t[order].clamp(max=num_timesteps - 1)
+
+
+def logit_normal_timesteps(n: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps t = floor(sigmoid(z) * T), z ~ N(0, 1), in [0, T): denser in the middle of the schedule.
+
+    Source: Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis"
+    (SD3, ICML 2024, sec. 3.1: logit-normal sampling with m = 0, s = 1), mapped to discrete DDPM timesteps."""
+    z = torch.randn(n, generator=generator)
+    return (torch.sigmoid(z) * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+def caption_dropout_mask(seed: int, positions: list[int], p: float) -> torch.Tensor:
+    """Which samples (by stream position) train with the empty caption: one draw per (seed, position)."""
+    return torch.tensor([bool(torch.rand((), generator=stream_generator(seed, "caption-dropout", pos)) < p)
+                         for pos in positions], dtype=torch.bool)
+
+
+def drop_captions(prompt_embeds, pooled_prompt_embeds, drop: torch.Tensor, empty: dict):
+    """The batch's embeddings with the rows in `drop` replaced by the empty caption's."""
+    drop = drop.to(prompt_embeds.device)
+    return (torch.where(drop[:, None, None], empty["prompt_embeds"].to(prompt_embeds), prompt_embeds),
+            torch.where(drop[:, None], empty["pooled_prompt_embeds"].to(pooled_prompt_embeds), pooled_prompt_embeds))
+
+
+def _this_rank(x: torch.Tensor, rank_slice: tuple[int, int] | None) -> torch.Tensor:
+    """This rank's rows of draws made for the global micro-batch (see draw_noise)."""
+    if rank_slice is None:
+        return x
+    rank, world = rank_slice
+    rows = len(x) // world
+    return x[rank * rows:(rank + 1) * rows]
+
+
+@dataclass
+class Recipe:
+    """compute_loss's options beyond the reference recipe; the defaults change nothing at all.
+
+    Random draws stay pure functions of (seed, step, micro-batch, position): logit-normal timesteps and
+    offset noise come from the micro-batch generator after draw_noise's draws; strata from (seed, optimizer
+    step); caption dropout from (seed, position)."""
+    seed: int = 0
+    window: int = 1  # samples per optimizer step, all processes together: the strata of stratified sampling
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    timestep_sampling: str = "uniform"
+    caption_dropout: float = 0.0
+    empty_prompt: dict | None = None  # the cache's empty-caption embeddings, for caption dropout
+
+    def timesteps(self, drawn, batch, num_timesteps, generator, rank_slice=None) -> torch.Tensor:
+        if self.timestep_sampling == "logit-normal":
+            n = len(drawn) * (rank_slice[1] if rank_slice else 1)
+            return _this_rank(logit_normal_timesteps(n, num_timesteps, generator), rank_slice).to(drawn.device)
+        if self.timestep_sampling == "stratified":
+            positions = batch["position"].cpu()
+            t = torch.empty_like(positions)
+            for step in positions.div(self.window, rounding_mode="floor").unique().tolist():
+                rows = positions // self.window == step
+                table = stratified_timesteps(num_timesteps, self.window, stream_generator(self.seed, "strata", step))
+                t[rows] = table[positions[rows] % self.window]
+            return t.to(drawn.device)
+        return drawn
+
+    def noise(self, noise, generator, rank_slice=None) -> torch.Tensor:
+        if not self.noise_offset:
+            return noise
+        b, c = noise.shape[0] * (rank_slice[1] if rank_slice else 1), noise.shape[1]
+        delta = _this_rank(torch.randn((b, c, 1, 1), generator=generator), rank_slice)
+        return offset_noise(noise, self.noise_offset, delta.to(noise))
+
+    def conditioning(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        if not self.caption_dropout:
+            return prompt_embeds, pooled
+        drop = caption_dropout_mask(self.seed, batch["position"].tolist(), self.caption_dropout)
+        return drop_captions(prompt_embeds, pooled, drop, self.empty_prompt)
+
+    def loss(self, model_pred, target, noise_scheduler, timesteps) -> torch.Tensor:
+        if self.min_snr_gamma is None:
+            return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        from diffusers.training_utils import compute_snr
+        weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), self.min_snr_gamma,
+                                  noise_scheduler.config.prediction_type)
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean()
+
+
+def make_recipe(cfg: TrainConfig, reader: CacheReader, device: torch.device, world_size: int = 1) -> Recipe:
+    """Check the recipe options (clear errors before the UNet loads) and build the Recipe."""
+    if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise UserError(f"--timestep-sampling {cfg.timestep_sampling}: expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"--prediction-type {cfg.prediction_type}: expected epsilon or v_prediction")
+    if cfg.lora_type not in LORA_TYPES:
+        raise UserError(f"--lora-type {cfg.lora_type}: expected one of {', '.join(LORA_TYPES)}")
+    if not 0 <= cfg.caption_dropout <= 1:
+        raise UserError(f"--caption-dropout {cfg.caption_dropout}: a probability, between 0 and 1")
+    if cfg.noise_offset < 0 or (cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0):
+        raise UserError("--noise-offset must be >= 0 and --min-snr-gamma > 0")
+    empty = None
+    if cfg.caption_dropout > 0:
+        empty = reader.empty_prompt()
+        if empty is None:
+            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {reader.path} "
+                            "predates: run the same `encode` command again (it adds the embedding and leaves "
+                            "the samples as they are)")
+        empty = {k: v.to(device) for k, v in empty.items()}
+    return Recipe(seed=cfg.seed, window=cfg.batch_size * cfg.grad_accum * world_size, noise_offset=cfg.noise_offset,
+                  min_snr_gamma=cfg.min_snr_gamma, timestep_sampling=cfg.timestep_sampling,
+                  caption_dropout=cfg.caption_dropout, empty_prompt=empty)
+
+
+def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):
+    """The model's noise schedule with --prediction-type / --rescale-betas-zero-snr (the same object without).
+
+    Zero terminal SNR: Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024):
+    rescaled betas (diffusers' rescale_betas_zero_snr) and, for sampling (validation images), trailing
+    timestep spacing."""
+    overrides = {}
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return type(noise_scheduler).from_config(noise_scheduler.config, **overrides) if overrides else noise_scheduler
+
+
 # ------------------------------------------------------------------------------- the training step
-def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """Diffusion loss of one micro-batch from cached inputs (the reference recipe)."""
+def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator,
+                 rank_slice: tuple[int, int] | None = None, recipe: Recipe | None = None) -> torch.Tensor:
+    """Diffusion loss of one micro-batch from cached inputs (the reference recipe, plus `recipe`'s options).
+    Under torchrun, rank_slice=(rank, world_size): random draws are made for the global micro-batch, then sliced."""
+    recipe = recipe or Recipe()
     mean, std = batch["latent_mean"].float(), batch["latent_std"].float()  # (B, 4, H/8, W/8), scaled
-    latent_eps, noise, timesteps = (x.to(mean.device) for x in
-                                    draw_noise(mean.shape, noise_scheduler.config.num_train_timesteps, generator))
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    latent_eps, noise, timesteps = (x.to(mean.device)
+                                    for x in draw_noise(mean.shape, num_timesteps, generator, rank_slice))
+    timesteps = recipe.timesteps(timesteps, batch, num_timesteps, generator, rank_slice)  # uniform: as drawn
+    noise = recipe.noise(noise, generator, rank_slice)  # + offset noise
     latents = mean + std * latent_eps  # a fresh sample of the VAE posterior, as on-the-fly training draws
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -147,21 +365,29 @@ def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator)
     else:
         target = noise
     dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
-    added = {"text_embeds": batch["pooled_prompt_embeds"].to(dtype), "time_ids": batch["time_ids"].to(dtype)}
-    model_pred = unet(noisy_latents, timesteps, batch["prompt_embeds"].to(dtype), added_cond_kwargs=added).sample
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    prompt_embeds, pooled = recipe.conditioning(batch)  # caption dropout: some rows -> the empty caption's
+    added = {"text_embeds": pooled.to(dtype), "time_ids": batch["time_ids"].to(dtype)}
+    model_pred = unet(noisy_latents, timesteps, prompt_embeds.to(dtype), added_cond_kwargs=added).sample
+    return recipe.loss(model_pred, target, noise_scheduler, timesteps)  # MSE, or min-SNR weighted
 
 
 def training_step(model: "Model", micro: list[dict], step: int, cfg: TrainConfig) -> dict:
     """One optimizer step: accumulate over micro-batches, clip, step (or skip if non-finite)."""
     total = 0.0
+    net, rank_slice = model.unet, None
+    if model.ddp is not None:  # torchrun: this rank's slice of each global micro-batch
+        net, rank_slice = model.ddp, (distributed.rank(), distributed.world_size())
     for i, batch in enumerate(micro):
         generator = step_generator(cfg.seed, step * cfg.grad_accum + i)
-        with torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None):
-            loss = compute_loss(model.unet, model.noise_scheduler, batch, generator)
-        model.scaler.scale(loss / len(micro)).backward()
+        # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward
+        with net.no_sync() if model.ddp is not None and i < len(micro) - 1 else contextlib.nullcontext():
+            with torch.autocast(model.device.type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None):
+                loss = compute_loss(net, model.noise_scheduler, batch, generator, rank_slice, model.recipe)
+            model.scaler.scale(loss / len(micro)).backward()
         total += loss.detach().float()
     loss = total / len(micro)
+    if model.ddp is not None:
+        loss = distributed.mean_across_ranks(loss)  # the global mean: every rank logs and skips alike
     model.scaler.unscale_(model.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.params, cfg.max_grad_norm)
     finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
@@ -189,6 +415,8 @@ class Model:
     autocast_dtype: torch.dtype | None
     resolved: dict  # what "auto" settings became, for train_config.json
     source: ModelSource
+    ddp: torch.nn.Module | None = None  # under torchrun: DistributedDataParallel around unet
+    recipe: Recipe = field(default_factory=Recipe)  # noise and loss options (noise offset, min-SNR, ...)
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
@@ -244,17 +472,18 @@ def enable_attention(unet, attention: str, device: torch.device, log) -> str:
 
 
 def make_optimizer(name: str, params, cfg: TrainConfig, device: torch.device, log):
+    lr = cfg.learning_rate * (distributed.world_size() if cfg.scale_lr else 1)
     if name == "adamw8bit":
         if device.type == "cuda":
             try:
                 import bitsandbytes as bnb
-                return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "adamw8bit"
+                return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=cfg.weight_decay), "adamw8bit"
             except Exception as e:
                 log(f"note: bitsandbytes 8-bit AdamW is unavailable ({type(e).__name__}: {e}); using AdamW")
         else:
             log("note: 8-bit AdamW needs a CUDA GPU; using AdamW")
     fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **fused), "adamw"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, **fused), "adamw"
 
 
 def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log) -> Model:
@@ -264,12 +493,21 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
                          cfg.variant if cfg.model else (cfg.variant or enc.get("variant")),
                          cfg.model_config if cfg.model else (cfg.model_config or enc.get("model_config")))
     autocast_dtype = resolve_precision(cfg.mixed_precision, device)
+    recipe = make_recipe(cfg, reader, device, distributed.world_size())
+    try:
+        rank_pattern = parse_rank_pattern(cfg.rank_pattern)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     log(f"loading the UNet from {source.model}")
     unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=device)
-    noise_scheduler = load_noise_scheduler(source)
+    noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
+                                                cfg.rescale_betas_zero_snr)
+    if cfg.rescale_betas_zero_snr and noise_scheduler.config.prediction_type == "epsilon":
+        log("note: with zero terminal SNR the last timestep's input is pure noise, so an epsilon target teaches "
+            "nothing there; Lin et al. pair --rescale-betas-zero-snr with --prediction-type v_prediction")
     check_cache_fits(unet, reader)
     try:
-        params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list)
+        params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list, cfg.lora_type, rank_pattern)
     except ValueError as e:
         raise UserError(str(e)) from e
     if cfg.gradient_checkpointing:
@@ -287,10 +525,17 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     trainable = sum(p.numel() for p in params)
     resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."),
                 "optimizer": optimizer_name, "attention": attention, "trainable_parameters": trainable,
-                "effective_batch": cfg.batch_size * cfg.grad_accum, "device": str(device)}
-    log(f"LoRA r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: {trainable:,} trainable parameters; "
-        f"{resolved['mixed_precision']}, {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}")
-    return Model(unet, noise_scheduler, params, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved, source)
+                "effective_batch": cfg.batch_size * cfg.grad_accum * distributed.world_size(), "device": str(device),
+                "world_size": distributed.world_size(), "global_batch_size": cfg.batch_size * distributed.world_size(),
+                "learning_rate": optimizer.defaults["lr"]}
+    resolved["prediction_type"] = noise_scheduler.config.prediction_type
+    log(f"{LORA_TYPES[cfg.lora_type]} r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: "
+        f"{trainable:,} trainable parameters; {resolved['mixed_precision']}, {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}"
+        + (f" (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × {resolved['world_size']} processes), "
+           f"learning rate {resolved['learning_rate']:g}" + (" (--scale-lr)" if cfg.scale_lr else "")
+           if resolved["world_size"] > 1 else ""))
+    return Model(unet, noise_scheduler, params, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved, source,
+                 recipe=recipe)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -331,10 +576,29 @@ def save_checkpoint(model: Model, out: Path, step: int, counters: dict) -> Path:
     state = split_tensors({"optimizer": model.optimizer.state_dict(), "lr_scheduler": model.lr_scheduler.state_dict(),
                            "scaler": model.scaler.state_dict()}, tensors)
     save_file(tensors, str(tmp / "training_state.safetensors"))
-    write_json_atomic(tmp / "training_state.json", {"step": step, "counters": counters, "state": state})
+    layout = {"world_size": model.resolved.get("world_size", 1), "global_batch_size": model.resolved.get("global_batch_size")}
+    write_json_atomic(tmp / "training_state.json", {"step": step, "counters": counters, "state": state, **layout})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def check_resume_layout(folder: Path, cfg: TrainConfig, world: int, log) -> None:
+    """Resume needs the checkpoint's global micro-batch (batch_size × processes): then the positions and
+    random draws continue exactly. The same number of processes and --batch-size always qualifies."""
+    saved = json.loads((folder / "training_state.json").read_text())
+    saved_world, saved_global = saved.get("world_size", 1), saved.get("global_batch_size")
+    if saved_world == world:
+        return
+    if saved_global == cfg.batch_size * world:
+        log(f"note: {folder} was trained by {saved_world} process(es) and resumes with {world}: the same global "
+            f"micro-batch of {saved_global}, so the same samples and random draws (equal up to float rounding)")
+        return
+    raise UserError(f"--resume {folder}: it was trained by {saved_world} process(es)"
+                    + (f" with a global micro-batch of {saved_global} (--batch-size × processes)" if saved_global else "")
+                    + f", this run has {world} × --batch-size {cfg.batch_size}; resume with torchrun --nproc-per-node "
+                    f"{saved_world} and the same --batch-size"
+                    + (f", or any N with --batch-size {saved_global} / N" if saved_global else ""))
 
 
 def load_checkpoint(model: Model, folder: Path) -> tuple[int, dict]:
@@ -465,32 +729,38 @@ def train(cfg: TrainConfig, log=print) -> dict:
         problems = reader.verify()
         if problems:
             raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; re-encode it with --overwrite")
-    device = resolve_device(cfg.device)
-    prepare_output(out, cfg)
+    device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
+    main = distributed.is_main()  # only rank 0 writes outputs and logs
+    log = log if main else (lambda *a, **k: None)
+    distributed.on_main(prepare_output, out, cfg)
     torch.manual_seed(cfg.seed)  # LoRA initialization
     model = setup_model(cfg, reader, device, log)
 
     start_step, counters = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
     if cfg.resume:
         checkpoint = find_checkpoint(out, cfg.resume, log)
+        check_resume_layout(checkpoint, cfg, distributed.world_size(), log)
         start_step, counters = load_checkpoint(model, checkpoint)
         log(f"resumed from {checkpoint} at step {start_step}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "train_config.json", {**asdict(cfg), "resolved": model.resolved,
-                                                  "cache_fingerprint": reader.manifest.fingerprint})
-    validator = Validator(reader, model.source, cfg) if cfg.validate_every else None
+    model.ddp = distributed.wrap(model.unet, device)  # None in a single process
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "train_config.json", {**asdict(cfg), "resolved": model.resolved,
+                                                      "cache_fingerprint": reader.manifest.fingerprint})
+        _truncate_metrics(metrics_path, start_step)
+    validator = distributed.on_main(Validator, reader, model.source, cfg) if cfg.validate_every else None
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.time()
     last = time.time()
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * distributed.world_size()
     losses, peak_gib = [], None
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step")
-    with open(metrics_path, "a") as metrics, MetricsLogger(cfg.report_to, out, start_step) as tracker:
-        for step, micro in micro_batches(reader, cfg, start_step, device):
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
+    with open(metrics_path if main else os.devnull, "a") as metrics, \
+            MetricsLogger(cfg.report_to if main else "none", out, start_step) as tracker:
+        for step, micro in micro_batches(reader, cfg, start_step, device, distributed.rank(), distributed.world_size()):
             result = training_step(model, micro, step, cfg)
             now = time.time()
             counters["skipped_steps"] += result["skipped"]
@@ -514,13 +784,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if counters["bad_in_a_row"] >= cfg.max_bad_steps:
                 raise UserError(f"stopped: {counters['bad_in_a_row']} non-finite steps in a row at step {step + 1} "
                                 "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            if main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
                 save_checkpoint(model, out, step + 1, counters)
                 prune_checkpoints(out, cfg.checkpoints_total_limit)
             kill_point("step", step + 1)
     bar.close()
-    save_lora(model.unet, out)
-    if cfg.checkpoint_every:
+    if main:
+        save_lora(model.unet, out)
+    if main and cfg.checkpoint_every:
         save_checkpoint(model, out, cfg.max_steps, counters)
         prune_checkpoints(out, cfg.checkpoints_total_limit)
     summary = {
@@ -535,9 +806,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
         + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
         + f" -> {out / LORA_WEIGHTS_NAME}")
-    card = write_model_card(out, json.loads((out / "train_config.json").read_text()), reader.manifest, summary)
-    plotted = plot_losses(metrics_path, out / "loss.png", log)
-    log(f"model card -> {card}" + (f"; loss curve -> {out / 'loss.png'}" if plotted else ""))
+    if main:
+        card = write_model_card(out, json.loads((out / "train_config.json").read_text()), reader.manifest, summary)
+        plotted = plot_losses(metrics_path, out / "loss.png", log)
+        log(f"model card -> {card}" + (f"; loss curve -> {out / 'loss.png'}" if plotted else ""))
+    distributed.barrier()  # every process returns once rank 0 has written the outputs
     return summary
 
 

@@ -12,9 +12,14 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread, in this process and in every CLI subprocess: the tiny model's matmuls are far faster
+# single-threaded on a 2-core CI machine, and in- and out-of-process runs compute identically.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 64  # tiny images: latents are 8x8

@@ -70,9 +70,9 @@ def test_shard_layout(fp32_cache):
     assert [(s.shard, s.row) for s in m.samples] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
     assert [s.key for s in m.samples] == [f"img_{i:03d}.png" for i in range(6)]
     assert all(len(s.source["sha256"]) == 64 and s.source["path"].endswith(s.key) for s in m.samples)
-    # nothing but the shards and the manifest: no journal, no temporary files
-    assert sorted(p.name for p in fp32_cache.iterdir()) == [MANIFEST_NAME, "shard-00000.safetensors",
-                                                            "shard-00001.safetensors"]
+    # nothing but the shards, the manifest and the empty caption's embedding: no journal, no temporary files
+    assert sorted(p.name for p in fp32_cache.iterdir()) == ["empty_prompt.safetensors", MANIFEST_NAME,
+                                                            "shard-00000.safetensors", "shard-00001.safetensors"]
     lat = RESOLUTION // 8
     for shard, tensors in zip(m.shards, read_shards(fp32_cache, m)):
         n = shard.num_samples

@@ -250,7 +250,8 @@ def test_cli_encode_happy_path(cli_cache):
     assert "Traceback" not in proc.stderr
     m = Manifest.load(cache)
     assert m.num_samples == 6 and m.dtype == "fp16" and m.preprocessing["resolution"] == RESOLUTION
-    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in cache.iterdir()) == ["empty_prompt.safetensors", "manifest.json",
+                                                       "shard-00000.safetensors"]
 
 
 def test_fp16_default_cache_close_to_fp32(cli_cache, fp32_cache):
@@ -321,7 +322,8 @@ def test_overwrite_replaces_then_same_settings_up_to_date(fp32_cache, tmp_path, 
     smaller.overwrite = True
     m = encode(smaller, log=quiet)
     assert m.preprocessing["resolution"] == 32 and m.num_samples == 6
-    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json", "shard-00000.safetensors"]  # old shard 1 gone
+    assert sorted(p.name for p in cache.iterdir()) == ["empty_prompt.safetensors", "manifest.json",
+                                                       "shard-00000.safetensors"]  # old shard 1 gone
     reader = CacheReader(cache)
     assert reader.verify() == []
     assert reader[0]["latent_mean"].shape == (4, 4, 4)
