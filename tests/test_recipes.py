@@ -18,9 +18,9 @@ from stages.errors import UserError
 from stages.lora import (LORA_WEIGHTS_NAME, TARGET_PRESETS, attach_lora, load_into_pipeline, load_lora_weights_into,
                          parse_rank_pattern, resolve_target_modules, save_lora)
 from stages.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
-from stages.train import (CacheStream, Recipe, TrainConfig, caption_dropout_mask, compute_loss,
-                          configure_noise_scheduler, draw_noise, logit_normal_timesteps, make_recipe, min_snr_weights,
-                          offset_noise, step_generator, stratified_timesteps, use_flipped)
+from stages.recipes import (Recipe, caption_dropout_mask, configure_noise_scheduler, logit_normal_timesteps,
+                            make_recipe, min_snr_weights, offset_noise, stratified_timesteps)
+from stages.train import CacheStream, TrainConfig, compute_loss, draw_noise, step_generator, use_flipped
 from tests.conftest import REPO, max_abs_diff
 
 T = 1000  # SDXL's num_train_timesteps

@@ -1,0 +1,184 @@
+"""The training recipes beyond the reference: offset noise, min-SNR weighting, timestep sampling,
+v-prediction / zero-terminal-SNR and caption dropout. Pure math in small functions; `Recipe` applies
+them inside stages/train.py's compute_loss. Every draw is a pure function of (seed, step, position), so
+resume stays exact, and under torchrun draws are made for the global micro-batch and then sliced."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from stages.errors import UserError
+from stages.lora import LORA_TYPES
+
+if TYPE_CHECKING:
+    from cache import CacheReader
+    from stages.train import TrainConfig
+
+TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit-normal")
+
+
+def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, stream name, index), independent of other streams."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def offset_noise(noise: torch.Tensor, offset: float, delta: torch.Tensor) -> torch.Tensor:
+    """eps' = eps + offset * delta, delta ~ N(0,1) of shape (B, C, 1, 1): shifts each sample's channel means.
+
+    Source: N. Guttenberg, "Diffusion with Offset Noise" (Crosslabs, 2023); diffusers'
+    examples/text_to_image/train_text_to_image_sdxl.py (`--noise_offset`)."""
+    return noise + offset * delta
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma)/SNR for an epsilon target, min(SNR, gamma)/(SNR + 1) for v.
+
+    Source: Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy" (ICCV 2023, sec. 3.4);
+    diffusers' examples/text_to_image/train_text_to_image.py (`--snr_gamma`). At SNR 0 (zero terminal SNR) the
+    epsilon weight is its limit, 1."""
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+
+
+def stratified_timesteps(num_timesteps: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """`window` timesteps, one uniform draw in each of `window` equal integer strata of [0, T), in a random order.
+
+    Stratified sampling of t, as in the low-discrepancy sampler of Kingma et al., "Variational Diffusion
+    Models" (NeurIPS 2021, appendix I.1), with an independent offset per stratum. With window > T several
+    samples share a timestep."""
+    order = torch.randperm(window, generator=generator)
+    u = torch.rand(window, generator=generator, dtype=torch.float64)
+    starts = torch.arange(window + 1) * num_timesteps // window  # stratum j = [starts[j], starts[j+1])
+    sizes = (starts[1:] - starts[:-1]).clamp(min=1)
+    t = starts[:-1] + (u * sizes).long()
+    return t[order].clamp(max=num_timesteps - 1)
+
+
+def logit_normal_timesteps(n: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps t = floor(sigmoid(z) * T), z ~ N(0, 1), in [0, T): denser in the middle of the schedule.
+
+    Source: Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis"
+    (SD3, ICML 2024, sec. 3.1: logit-normal sampling with m = 0, s = 1), mapped to discrete DDPM timesteps."""
+    z = torch.randn(n, generator=generator)
+    return (torch.sigmoid(z) * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+def caption_dropout_mask(seed: int, positions: list[int], p: float) -> torch.Tensor:
+    """Which samples (by stream position) train with the empty caption: one draw per (seed, position)."""
+    return torch.tensor([bool(torch.rand((), generator=stream_generator(seed, "caption-dropout", pos)) < p)
+                         for pos in positions], dtype=torch.bool)
+
+
+def drop_captions(prompt_embeds, pooled_prompt_embeds, drop: torch.Tensor, empty: dict):
+    """The batch's embeddings with the rows in `drop` replaced by the empty caption's."""
+    drop = drop.to(prompt_embeds.device)
+    return (torch.where(drop[:, None, None], empty["prompt_embeds"].to(prompt_embeds), prompt_embeds),
+            torch.where(drop[:, None], empty["pooled_prompt_embeds"].to(pooled_prompt_embeds), pooled_prompt_embeds))
+
+
+def _this_rank(x: torch.Tensor, rank_slice: tuple[int, int] | None) -> torch.Tensor:
+    """This rank's rows of draws made for the global micro-batch (see draw_noise)."""
+    if rank_slice is None:
+        return x
+    rank, world = rank_slice
+    rows = len(x) // world
+    return x[rank * rows:(rank + 1) * rows]
+
+
+@dataclass
+class Recipe:
+    """compute_loss's options beyond the reference recipe; the defaults change nothing at all.
+
+    Random draws stay pure functions of (seed, step, micro-batch, position): logit-normal timesteps and
+    offset noise come from the micro-batch generator after draw_noise's draws; strata from (seed, optimizer
+    step); caption dropout from (seed, position)."""
+    seed: int = 0
+    window: int = 1  # samples per optimizer step, all processes together: the strata of stratified sampling
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    timestep_sampling: str = "uniform"
+    caption_dropout: float = 0.0
+    empty_prompt: dict | None = None  # the cache's empty-caption embeddings, for caption dropout
+
+    def timesteps(self, drawn, batch, num_timesteps, generator, rank_slice=None) -> torch.Tensor:
+        if self.timestep_sampling == "logit-normal":
+            n = len(drawn) * (rank_slice[1] if rank_slice else 1)
+            return _this_rank(logit_normal_timesteps(n, num_timesteps, generator), rank_slice).to(drawn.device)
+        if self.timestep_sampling == "stratified":
+            positions = batch["position"].cpu()
+            t = torch.empty_like(positions)
+            for step in positions.div(self.window, rounding_mode="floor").unique().tolist():
+                rows = positions // self.window == step
+                table = stratified_timesteps(num_timesteps, self.window, stream_generator(self.seed, "strata", step))
+                t[rows] = table[positions[rows] % self.window]
+            return t.to(drawn.device)
+        return drawn
+
+    def noise(self, noise, generator, rank_slice=None) -> torch.Tensor:
+        if not self.noise_offset:
+            return noise
+        b, c = noise.shape[0] * (rank_slice[1] if rank_slice else 1), noise.shape[1]
+        delta = _this_rank(torch.randn((b, c, 1, 1), generator=generator), rank_slice)
+        return offset_noise(noise, self.noise_offset, delta.to(noise))
+
+    def conditioning(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        if not self.caption_dropout:
+            return prompt_embeds, pooled
+        drop = caption_dropout_mask(self.seed, batch["position"].tolist(), self.caption_dropout)
+        return drop_captions(prompt_embeds, pooled, drop, self.empty_prompt)
+
+    def loss(self, model_pred, target, noise_scheduler, timesteps) -> torch.Tensor:
+        if self.min_snr_gamma is None:
+            return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        from diffusers.training_utils import compute_snr
+        weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), self.min_snr_gamma,
+                                  noise_scheduler.config.prediction_type)
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean()
+
+
+def make_recipe(cfg: TrainConfig, reader: CacheReader, device: torch.device, world_size: int = 1) -> Recipe:
+    """Check the recipe options (clear errors before the UNet loads) and build the Recipe."""
+    if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise UserError(f"--timestep-sampling {cfg.timestep_sampling}: expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"--prediction-type {cfg.prediction_type}: expected epsilon or v_prediction")
+    if cfg.lora_type not in LORA_TYPES:
+        raise UserError(f"--lora-type {cfg.lora_type}: expected one of {', '.join(LORA_TYPES)}")
+    if not 0 <= cfg.caption_dropout <= 1:
+        raise UserError(f"--caption-dropout {cfg.caption_dropout}: a probability, between 0 and 1")
+    if cfg.noise_offset < 0 or (cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0):
+        raise UserError("--noise-offset must be >= 0 and --min-snr-gamma > 0")
+    empty = None
+    if cfg.caption_dropout > 0:
+        empty = reader.empty_prompt()
+        if empty is None:
+            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {reader.path} "
+                            "predates: run the same `encode` command again (it adds the embedding and leaves "
+                            "the samples as they are)")
+        empty = {k: v.to(device) for k, v in empty.items()}
+    return Recipe(seed=cfg.seed, window=cfg.batch_size * cfg.grad_accum * world_size, noise_offset=cfg.noise_offset,
+                  min_snr_gamma=cfg.min_snr_gamma, timestep_sampling=cfg.timestep_sampling,
+                  caption_dropout=cfg.caption_dropout, empty_prompt=empty)
+
+
+def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):
+    """The model's noise schedule with --prediction-type / --rescale-betas-zero-snr (the same object without).
+
+    Zero terminal SNR: Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024):
+    rescaled betas (diffusers' rescale_betas_zero_snr) and, for sampling (validation images), trailing
+    timestep spacing."""
+    overrides = {}
+    if prediction_type:
+        overrides["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return type(noise_scheduler).from_config(noise_scheduler.config, **overrides) if overrides else noise_scheduler
