@@ -200,7 +200,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
             raise UserError("--vram-budget needs a CUDA GPU")
         total = torch.cuda.get_device_properties(device).total_memory
         budget = parse_size(cfg.vram_budget)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
         log(f"GPU memory capped at {budget / 2**30:.2f} GiB of {total / 2**30:.1f} GiB")
     peak = matmul_peak_tflops(device)
     rows = []
