@@ -141,18 +141,24 @@ def remove_cache_files(folder: Path) -> None:
         p.unlink()
 
 
-def write_validation(folder: Path, manifest: Manifest, prompts: list[str], prompt_embeds: torch.Tensor,
-                     pooled_prompt_embeds: torch.Tensor) -> None:
-    """Store validation prompts' embeddings (atomically), then record the prompts in the manifest."""
-    from cache.format import VALIDATION_NAME
-    folder = Path(folder)
-    tmp = folder / f".{VALIDATION_NAME}.tmp"
+def _write_embeddings(folder: Path, name: str, manifest: Manifest, prompt_embeds: torch.Tensor,
+                      pooled_prompt_embeds: torch.Tensor) -> None:
+    """Write an (embeds, pooled) pair in the cache's dtype as `name`: temp name, fsync, rename."""
+    tmp = folder / f".{name}.tmp"
     dtype = TORCH_DTYPES[manifest.dtype]
     save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
                "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, folder / VALIDATION_NAME)
+    os.replace(tmp, folder / name)
+    fsync_dir(folder)
+
+
+def write_validation(folder: Path, manifest: Manifest, prompts: list[str], prompt_embeds: torch.Tensor,
+                     pooled_prompt_embeds: torch.Tensor) -> None:
+    """Store validation prompts' embeddings (atomically), then record the prompts in the manifest."""
+    from cache.format import VALIDATION_NAME
+    _write_embeddings(Path(folder), VALIDATION_NAME, manifest, prompt_embeds, pooled_prompt_embeds)
     manifest.validation_prompts = list(prompts)
     manifest.save(folder)
 
@@ -161,15 +167,7 @@ def write_empty_prompt(folder: Path, manifest: Manifest, prompt_embeds: torch.Te
                        pooled_prompt_embeds: torch.Tensor) -> None:
     """Store the empty caption's embeddings, (77, D) and (P,), once per cache (atomically), for caption dropout."""
     from cache.format import EMPTY_PROMPT_NAME
-    folder = Path(folder)
-    tmp = folder / f".{EMPTY_PROMPT_NAME}.tmp"
-    dtype = TORCH_DTYPES[manifest.dtype]
-    save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
-               "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / EMPTY_PROMPT_NAME)
-    fsync_dir(folder)
+    _write_embeddings(Path(folder), EMPTY_PROMPT_NAME, manifest, prompt_embeds, pooled_prompt_embeds)
 
 
 def unfinished_encode(folder: Path) -> tuple[int, dict] | None:
