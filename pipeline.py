@@ -84,6 +84,17 @@ def non_negative(ctx, param, value):
     return value
 
 
+def resolutions(ctx, param, value):
+    """'512' -> 512, '512,768,1024' -> (512, 768, 1024)."""
+    try:
+        values = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected a number or a comma-separated list such as 512,768,1024") from None
+    if not values or min(values) <= 0:
+        raise click.BadParameter("must be > 0")
+    return values[0] if len(values) == 1 else values
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def cli():
     """Two-stage SDXL LoRA training: encode a dataset once into a cache, then train from it."""
@@ -104,7 +115,10 @@ from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass o
 @from_config(EncodeConfig, "image_column")
 @from_config(EncodeConfig, "caption_column")
 @from_config(EncodeConfig, "cache")
-@from_config(EncodeConfig, "resolution", callback=positive)
+@from_config(EncodeConfig, "resolution", type=str, callback=resolutions)
+@from_config(EncodeConfig, "buckets")
+@from_config(EncodeConfig, "bucket_step", callback=positive)
+@from_config(EncodeConfig, "bucket_max_aspect", callback=positive)
 @from_config(EncodeConfig, "center_crop", "--center-crop/--random-crop")
 @from_config(EncodeConfig, "flip", "--flip/--no-flip")
 @from_config(EncodeConfig, "cache_dtype", type=click.Choice(["fp16", "bf16", "fp32"]))
@@ -153,6 +167,7 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "revision")
 @from_config(TrainConfig, "variant")
 @from_config(TrainConfig, "model_config")
+@from_config(TrainConfig, "resolution_schedule")
 @from_config(TrainConfig, "rank", callback=positive)
 @from_config(TrainConfig, "alpha", callback=positive)
 @from_config(TrainConfig, "target_modules")

@@ -1,7 +1,9 @@
 """The on-disk cache format: a folder of safetensors shards plus manifest.json, written last.
 
     CACHE/
-      shard-00000.safetensors   tensors stacked over the shard's samples (one shape per shard):
+      shard-00000.safetensors   tensors stacked over the shard's samples (one shape per shard: one
+                                resolution, and with --buckets one aspect-ratio bucket; recorded in
+                                the manifest's ShardInfo.resolution and .size):
                                   latent_mean, latent_std              (N, 4, H/8, W/8)  VAE latent_dist, unscaled
                                   latent_mean_flipped, latent_std_flipped  (with flips)
                                   prompt_embeds                        (N, 77, 2048)
@@ -14,6 +16,9 @@
                                 caches made before it existed, without re-encoding the samples)
       manifest.json             Manifest below; its presence means the cache is complete
       encode-progress.json      only while an encode is unfinished (resume journal)
+
+    A multi-resolution cache (encode --resolution 512,768,1024) holds every sample once per resolution:
+    manifest.samples has one SampleInfo per (sample, resolution), pointing into shards of that resolution.
 
     An encode under torchrun (N processes) writes shard-r<rank>-00000.safetensors, ... and one journal per
     rank, encode-progress-r<rank>.json; rank 0 merges the journals into the one manifest (merge_parts).
@@ -51,6 +56,8 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    resolution: int | None = None   # the --resolution its samples were encoded for (None: the cache's only one)
+    size: list[int] | None = None   # [height, width] in pixels of every sample in it (None: resolution²)
 
 
 @dataclass
@@ -66,7 +73,8 @@ class SampleInfo:
 class Manifest:
     fingerprint: str   # hash of everything that changes encoded values (see `fingerprint`)
     encoder: dict      # model, revision, variant, vae, and per-part weight hashes
-    preprocessing: dict  # resolution, center_crop, flip
+    preprocessing: dict  # resolution (an int, or a list for a multi-resolution cache), center_crop, flip,
+                         # and buckets ({"step", "max_aspect"}) when encoded with --buckets
     dtype: str         # storage dtype of latents and embeddings: fp16 | bf16 | fp32
     scaling_factor: float  # vae.config.scaling_factor (0.13025 for SDXL)
     shift_factor: float | None  # vae.config.shift_factor (None for SDXL)
@@ -81,7 +89,26 @@ class Manifest:
 
     @property
     def num_samples(self) -> int:
-        return len(self.samples)
+        """Images stored (a multi-resolution cache stores each once per resolution)."""
+        return len({s.key for s in self.samples})
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The resolutions stored: one, or several for `encode --resolution 512,768,1024`."""
+        r = self.preprocessing.get("resolution")
+        return sorted(r) if isinstance(r, list) else [r]
+
+    @property
+    def bucketed(self) -> bool:
+        return bool(self.preprocessing.get("buckets"))
+
+    def shard_resolution(self, shard: int) -> int:
+        return self.shards[shard].resolution or self.resolutions[0]
+
+    def shard_size(self, shard: int) -> tuple[int, int]:
+        """(height, width) in pixels of the samples of a shard."""
+        size = self.shards[shard].size
+        return tuple(size) if size else (self.shard_resolution(shard),) * 2
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -16,11 +16,19 @@ class CacheReader:
     Latents come back multiplied by the VAE scaling factor (after the shift, if any): what the UNet
     consumes. Opening checks that every shard exists with its recorded size; `verify()` also checks
     the sha256 of every shard.
+
+    `resolution` selects one resolution of a multi-resolution cache (default: every sample stored).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, resolution: int | None = None):
         self.path = Path(path)
         self.manifest = Manifest.load(self.path)
+        m = self.manifest
+        if resolution is not None and resolution not in m.resolutions:
+            raise CacheError(f"cache {self.path} holds resolution(s) {', '.join(map(str, m.resolutions))}, "
+                             f"not {resolution}")
+        self.resolution = resolution
+        self.samples = [s for s in m.samples if resolution is None or m.shard_resolution(s.shard) == resolution]
         for shard in self.manifest.shards:
             p = self.path / shard.file
             if not p.exists():
@@ -29,13 +37,23 @@ class CacheReader:
                 raise CacheError(f"cache shard {p} has {p.stat().st_size} bytes, the manifest says "
                                  f"{shard.bytes}: it is truncated or corrupt; re-encode with --overwrite")
         self._handles: dict[int, object] = {}
-        m = self.manifest
         self.flipped = bool(m.preprocessing.get("flip"))
         self._shift = m.shift_factor or 0.0
         self._scale = m.scaling_factor
 
     def __len__(self) -> int:
-        return self.manifest.num_samples
+        return len(self.samples)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(height, width) in pixels of sample i: its aspect-ratio bucket, or resolution²."""
+        return self.manifest.shard_size(self.samples[i].shard)
+
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Sample indices by (height, width), sizes in ascending order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(self)):
+            groups.setdefault(self.size(i), []).append(i)
+        return dict(sorted(groups.items()))
 
     def __getstate__(self):  # picklable for DataLoader workers: handles are reopened lazily
         return {**self.__dict__, "_handles": {}}
@@ -51,7 +69,7 @@ class CacheReader:
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)}")
-        info = self.manifest.samples[i]
+        info = self.samples[i]
         f = self._open(info.shard)
         sample = {"key": info.key, "caption": info.caption}
         for name in f.keys():
@@ -102,3 +120,20 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: a permutation that is a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=g)
+
+
+def bucket_epoch_batches(buckets: list[list[int]], batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch of a bucketed cache, a pure function of (seed, epoch).
+
+    Each bucket's samples are shuffled and cut into batches of `batch`; a bucket's last batch is filled up
+    with the first samples of its own shuffled order, so every batch has one shape and every sample is seen
+    at least once (exactly once when `batch` divides the bucket; always with batch 1). The batches of all
+    buckets are then shuffled together: a bucket is visited in proportion to its size, spread over the epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    batches = []
+    for members in buckets:
+        order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+        short = -len(order) % batch
+        order += (order * (short // len(order) + 1))[:short]
+        batches += [order[i:i + batch] for i in range(0, len(order), batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

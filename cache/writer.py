@@ -18,7 +18,8 @@ FP32_TENSORS = ("time_ids", "time_ids_flipped")  # integers up to 4k+: exact onl
 
 
 class CacheWriter:
-    """Collects samples into shards of `shard_size` and records them for the manifest.
+    """Collects samples into shards and records them for the manifest: once `shard_size` samples are
+    queued, each group (resolution and bucket) of them becomes one shard.
 
     `manifest` holds everything but the shards/samples the writer fills in; `records_done` counts
     the input records consumed (encoded or skipped) up to the last flushed shard, which is where an
@@ -41,7 +42,7 @@ class CacheWriter:
         self.progress_path = self.folder / (PROGRESS_NAME if rank is None else RANK_PROGRESS_PATTERN.format(rank))
         # shards, samples and skips the manifest held before this writer (kept ones of an updated cache)
         self.base = [len(manifest.shards), len(manifest.samples), len(manifest.skipped)]
-        self._buffer: list[tuple[dict, SampleInfo]] = []
+        self._buffers: dict[object, list] = {}  # group -> queued (tensors, key, caption, source)
         self._pending_skips: list[dict] = []
         self._pending_records = 0
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -75,12 +76,18 @@ class CacheWriter:
                                                **part})
 
     # -- writing ---------------------------------------------------------------------------
-    def add(self, tensors: dict[str, torch.Tensor], key: str, caption: str, source: dict) -> None:
+    def add(self, tensors: dict[str, torch.Tensor], key: str, caption: str, source: dict, group=None) -> None:
         """Queue one encoded sample (unbatched tensors) consumed from one input record."""
-        self._buffer.append((tensors, SampleInfo(key, caption, source, shard=len(self.manifest.shards),
-                                                 row=len(self._buffer))))
+        self.add_record([(group, tensors)], key, caption, source)
+
+    def add_record(self, samples: list[tuple[object, dict[str, torch.Tensor]]], key: str, caption: str,
+                   source: dict) -> None:
+        """Queue the encoded samples of one input record: (group, tensors) per resolution. A group is
+        (resolution, height, width): shards never mix groups. None: the cache's single shape."""
+        for group, tensors in samples:
+            self._buffers.setdefault(group, []).append((tensors, key, caption, source))
         self._pending_records += 1
-        if len(self._buffer) >= self.shard_size:
+        if sum(len(b) for b in self._buffers.values()) >= self.shard_size:
             self.flush()
 
     def skip(self, key: str, reason: str, caption: str | None = None, sha256: str | None = None) -> None:
@@ -90,30 +97,35 @@ class CacheWriter:
         self._pending_records += 1
 
     def flush(self) -> None:
-        """Write the buffered samples as one shard, then journal the progress."""
-        if self._buffer:
-            index = len(self.manifest.shards)
-            name = SHARD_PATTERN.format(index) if self.rank is None else RANK_SHARD_PATTERN.format(rank=self.rank, index=index)
-            dtype = TORCH_DTYPES[self.manifest.dtype]
-            stacked = {
-                k: torch.stack([t[k] for t, _ in self._buffer]).to(torch.float32 if k in FP32_TENSORS else dtype).contiguous()
-                for k in self._buffer[0][0]
-            }
-            path = self.folder / name
-            tmp = self.folder / f".{name}.tmp"
-            save_file(stacked, str(tmp), metadata={"format": "sdxl-lora-cache"})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(self.folder)
-            self.manifest.shards.append(ShardInfo(name, len(self._buffer), path.stat().st_size, sha256_file(path)))
-            self.manifest.samples.extend(info for _, info in self._buffer)
-            self._buffer = []
+        """Write the buffered samples as one shard per group, then journal the progress: every record
+        consumed so far is then on disk, which is what makes `records_done` a safe place to resume."""
+        for group, buffer in self._buffers.items():
+            self._write_shard(group, buffer)
+        self._buffers = {}
         self.manifest.skipped.extend(self._pending_skips)
         self._pending_skips = []
         self.records_done += self._pending_records
         self._pending_records = 0
         self._save_progress()
+
+    def _write_shard(self, group, buffer: list) -> None:
+        index = len(self.manifest.shards)
+        name = SHARD_PATTERN.format(index) if self.rank is None else RANK_SHARD_PATTERN.format(rank=self.rank, index=index)
+        dtype = TORCH_DTYPES[self.manifest.dtype]
+        stacked = {k: torch.stack([t[k] for t, *_ in buffer]).to(torch.float32 if k in FP32_TENSORS else dtype).contiguous()
+                   for k in buffer[0][0]}
+        path = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        save_file(stacked, str(tmp), metadata={"format": "sdxl-lora-cache"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.folder)
+        resolution, size = (None, None) if group is None else (group[0], list(group[1:]))
+        self.manifest.shards.append(ShardInfo(name, len(buffer), path.stat().st_size, sha256_file(path),
+                                              resolution, size))
+        self.manifest.samples.extend(SampleInfo(key, caption, source, shard=index, row=row)
+                                     for row, (_, key, caption, source) in enumerate(buffer))
 
     def finish(self) -> Manifest:
         """Flush the last shard, write the manifest (last), drop the journal. A rank's writer only flushes:

@@ -3,12 +3,14 @@
 Sources: a hub dataset id, a local imagefolder (metadata.jsonl / metadata.csv), a folder written by
 `datasets.save_to_disk`, or a kohya-style folder of images with same-named .txt captions.
 Preprocessing follows diffusers' train_text_to_image_lora_sdxl.py: shorter side resized to the
-resolution (bilinear), center or random crop, [-1, 1] pixels, and SDXL's time_ids.
+resolution (bilinear), center or random crop, [-1, 1] pixels, and SDXL's time_ids. With aspect-ratio
+buckets the target is the bucket (height, width) nearest the image's aspect ratio instead of the square.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,26 +184,54 @@ def decode_image(data: bytes) -> Image.Image:
 
 @dataclass
 class Preprocessed:
-    pixels: torch.Tensor          # (3, R, R) in [-1, 1]
+    pixels: torch.Tensor          # (3, H, W) in [-1, 1]
     time_ids: torch.Tensor        # (6,) original_h, original_w, crop_top, crop_left, target_h, target_w
     time_ids_flipped: torch.Tensor  # the same crop seen in the mirrored image
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """torchvision's Resize(size, BILINEAR) on a PIL image: shorter side -> size, longer truncated."""
+def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (height, width) for a resolution: sides multiples of `step`, for each width the
+    tallest height with area <= resolution², and each bucket's transpose; aspect ratios within
+    1/max_aspect .. max_aspect; the square resolution² is one of them (as in kohya's and SDXL's bucket lists)."""
+    sizes = set()
+    for width in range(step, resolution * resolution // step + 1, step):
+        height = resolution * resolution // width // step * step
+        if height < step:
+            break
+        if max(width, height) / min(width, height) <= max_aspect:
+            sizes.update({(height, width), (width, height)})
+    return sorted(sizes, key=lambda hw: (hw[1] / hw[0], hw))
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest to the image's (in log space; ties: the first listed)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+
+def resize_to_cover(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Bilinear resize to the smallest size covering height x width, the binding side exact and the other
+    truncated; for a square target this is torchvision's Resize(side) (resize_shorter_side)."""
     w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
+    if width * h >= height * w:  # the width binds
+        new_w, new_h = width, max(height, int(width * h / w))
     else:
-        new_w, new_h = int(size * w / h), size
+        new_w, new_h = max(width, int(height * w / h)), height
     return image.resize((new_w, new_h), Image.BILINEAR)
 
 
-def crop_origin(height: int, width: int, resolution: int, center_crop: bool, rng: random.Random) -> tuple[int, int]:
-    """Top-left corner of the crop: centered as diffusers rounds it, or uniform like RandomCrop."""
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size, BILINEAR) on a PIL image: shorter side -> size, longer truncated."""
+    return resize_to_cover(image, size, size)
+
+
+def crop_origin(height: int, width: int, target: tuple[int, int], center_crop: bool,
+                rng: random.Random) -> tuple[int, int]:
+    """Top-left corner of a target (h, w) crop: centered as diffusers rounds it, or uniform like RandomCrop."""
+    th, tw = target
     if center_crop:
-        return max(0, int(round((height - resolution) / 2.0))), max(0, int(round((width - resolution) / 2.0)))
-    return rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+        return max(0, int(round((height - th) / 2.0))), max(0, int(round((width - tw) / 2.0)))
+    return rng.randint(0, height - th), rng.randint(0, width - tw)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -210,23 +240,28 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
 
 
-def preprocess(image: Image.Image, resolution: int, center_crop: bool, crop_seed: str) -> Preprocessed:
-    """Resize, crop and normalize one image; the crop of a random-crop cache is fixed by crop_seed."""
+def preprocess(image: Image.Image, resolution: int, center_crop: bool, crop_seed: str,
+               size: tuple[int, int] | None = None) -> Preprocessed:
+    """Resize, crop and normalize one image to `size` (height, width; default the square resolution²);
+    the crop of a random-crop cache is fixed by crop_seed."""
+    th, tw = size or (resolution, resolution)
     original_h, original_w = image.height, image.width
-    image = resize_shorter_side(image, resolution)
+    image = resize_to_cover(image, th, tw)
     resized_width = image.width
-    top, left = crop_origin(image.height, image.width, resolution, center_crop, random.Random(crop_seed))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    top, left = crop_origin(image.height, image.width, (th, tw), center_crop, random.Random(crop_seed))
+    image = image.crop((left, top, left + tw, top + th))
     # Mirroring the crop equals cropping the mirrored image at the mirrored left edge.
-    left_flipped = resized_width - resolution - left
-    size = (original_h, original_w)
+    left_flipped = resized_width - tw - left
+    original = (original_h, original_w)
     return Preprocessed(
         pixels=to_pixels(image),
-        time_ids=time_ids(size, (top, left), resolution),
-        time_ids_flipped=time_ids(size, (top, left_flipped), resolution),
+        time_ids=time_ids(original, (top, left), (th, tw)),
+        time_ids_flipped=time_ids(original, (top, left_flipped), (th, tw)),
     )
 
 
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> torch.Tensor:
-    """SDXL micro-conditioning: original_size + crops_coords_top_left + target_size."""
-    return torch.tensor([*original_size, *crop_top_left, resolution, resolution], dtype=torch.float32)
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size) -> torch.Tensor:
+    """SDXL micro-conditioning: original_size + crops_coords_top_left + target_size (h, w; an int: square)."""
+    if isinstance(target_size, int):
+        target_size = (target_size, target_size)
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)

@@ -19,7 +19,8 @@ from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, Cach
 from cache.writer import (CacheWriter, merge_parts, remove_cache_files, unfinished_encode, write_empty_prompt,
                           write_validation)
 from stages import distributed
-from stages.data import MIN_SIDE_FRACTION, Source, check_caption, decode_image, open_source, preprocess
+from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, nearest_bucket,
+                         open_source, preprocess)
 from stages.errors import UserError, kill_point
 from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
 
@@ -38,7 +39,10 @@ class EncodeConfig:
     image_column: str = field(default="image", metadata={"help": "Image column of a hub or save_to_disk dataset."})
     caption_column: str = field(default="text", metadata={"help": "Caption column of a hub, imagefolder (metadata.jsonl/csv) or save_to_disk dataset."})
     cache: str = field(default="./cache", metadata={"help": "Cache folder to write."})
-    resolution: int = field(default=512, metadata={"help": "Shorter side is resized to this, then a square crop of this size."})
+    resolution: int | tuple[int, ...] = field(default=512, metadata={"help": "Shorter side is resized to this, then a square crop of this size; several (512,768,1024) store each image once per resolution for `train --resolution-schedule`."})
+    buckets: bool = field(default=False, metadata={"help": "Aspect-ratio buckets: each image is resized and cropped to the bucket (area <= resolution², sides multiples of --bucket-step) nearest its aspect ratio, instead of a square."})
+    bucket_step: int = field(default=64, metadata={"help": "With --buckets: bucket sides are multiples of this many pixels."})
+    bucket_max_aspect: float = field(default=4.0, metadata={"help": "With --buckets: the most elongated bucket's long/short side ratio."})
     center_crop: bool = field(default=True, metadata={"help": "Center crop (default) or one random crop per image, recorded in time_ids."})
     flip: bool = field(default=True, metadata={"help": "Also encode the mirrored image so training can flip per step (p=0.5)."})
     cache_dtype: str = field(default="fp16", metadata={"help": "Storage dtype of latents and embeddings."})
@@ -50,6 +54,24 @@ class EncodeConfig:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache made with other settings."})
     validation_prompt: tuple[str, ...] = field(default=(), metadata={"help": "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders."})
     dry_run: bool = field(default=False, metadata={"help": "Only report what is stale in an existing cache and why; write nothing."})
+
+
+def resolutions_of(cfg: EncodeConfig) -> list[int]:
+    """--resolution as a sorted list: 512 -> [512]; "512,768,1024" or (512, 768, 1024) -> [512, 768, 1024]."""
+    value = cfg.resolution
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--resolution {cfg.resolution}: expected a number or a list such as 512,768,1024") from None
+    values = sorted(set([value] if isinstance(value, int) else value))
+    if not values or min(values) < 8 or any(v % 8 for v in values):
+        raise UserError(f"--resolution {cfg.resolution}: every resolution must be a positive multiple of 8")
+    if cfg.buckets and (cfg.bucket_step < 8 or cfg.bucket_step % 8 or any(v % cfg.bucket_step for v in values)):
+        raise UserError(f"--bucket-step {cfg.bucket_step}: must be a multiple of 8 that divides every --resolution")
+    if cfg.buckets and cfg.bucket_max_aspect < 1:
+        raise UserError(f"--bucket-max-aspect {cfg.bucket_max_aspect}: must be at least 1")
+    return values
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,11 +133,14 @@ def count_truncated(tokenizers, captions: list[str]) -> int:
 class PreprocessDataset(Dataset):
     """Decodes and preprocesses one record per item; failures come back as a skip reason."""
 
-    def __init__(self, source: Source, records: list, cfg: EncodeConfig):
-        self.source, self.records, self.cfg = source, records, cfg
-
     def __len__(self):
         return len(self.records)
+
+    def __init__(self, source: Source, records: list, cfg: EncodeConfig):
+        self.source, self.records, self.cfg = source, records, cfg
+        self.resolutions = resolutions_of(cfg)
+        self.buckets = {r: bucket_sizes(r, cfg.bucket_step, cfg.bucket_max_aspect) for r in self.resolutions} \
+            if cfg.buckets else None
 
     def __getitem__(self, i):
         rec = self.records[i]
@@ -132,10 +157,15 @@ class PreprocessDataset(Dataset):
             image = decode_image(data)
         except Exception as e:  # any decoder failure is a property of the file: record and skip
             return {**item, "skip": f"cannot decode image: {type(e).__name__}: {e}"}
-        if min(image.size) * MIN_SIDE_FRACTION < self.cfg.resolution:
+        largest = max(self.resolutions)
+        if min(image.size) * MIN_SIDE_FRACTION < largest:
             return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
-                                    f"{self.cfg.resolution}/{MIN_SIDE_FRACTION}, too small to upscale"}
-        item["pre"] = preprocess(image, self.cfg.resolution, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}")
+                                    f"{largest}/{MIN_SIDE_FRACTION}, too small to upscale"}
+        item["pre"] = []  # ((resolution, height, width), Preprocessed) per resolution
+        for r in self.resolutions:
+            size = nearest_bucket(image.height, image.width, self.buckets[r]) if self.buckets else (r, r)
+            pre = preprocess(image, r, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}", size=size)
+            item["pre"].append(((r, *size), pre))
         return item
 
 
@@ -156,7 +186,9 @@ class Staleness:
 
 def find_stale(old: Manifest, source: Source) -> Staleness:
     """Compare every record's caption and image bytes (sha256) with what the manifest recorded."""
-    samples = {s.key: s for s in old.samples}
+    samples: dict[str, list] = {}  # key -> its SampleInfo per resolution
+    for s in old.samples:
+        samples.setdefault(s.key, []).append(s)
     skips = {s["key"]: s for s in old.skipped}
     st = Staleness([], [], [], [], [], [])
     for rec in source.records:
@@ -166,9 +198,9 @@ def find_stale(old: Manifest, source: Source) -> Staleness:
             digest = None
         caption = rec.caption if isinstance(rec.caption, str) else None
         if rec.key in samples:
-            s = samples[rec.key]
+            s = samples[rec.key][0]
             if s.caption == caption and s.source.get("sha256") == digest:
-                st.kept.append(s)
+                st.kept.extend(samples[rec.key])
             else:
                 st.changed.append(rec.key)
                 st.todo.append(rec)
@@ -247,7 +279,11 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
     vae, tokenizers = parts["vae"], (parts["tokenizer"], parts["tokenizer_2"])
     text_encoders = (parts["text_encoder"], parts["text_encoder_2"])
     weights = {name: weights_hash(parts[name]) for name in ("vae", "text_encoder", "text_encoder_2")}
-    preprocessing = {"resolution": cfg.resolution, "center_crop": cfg.center_crop, "flip": cfg.flip}
+    resolutions = resolutions_of(cfg)
+    preprocessing = {"resolution": resolutions[0] if len(resolutions) == 1 else resolutions,
+                     "center_crop": cfg.center_crop, "flip": cfg.flip}
+    if cfg.buckets:  # recorded only when on, so that caches made before buckets existed keep their fingerprint
+        preprocessing["buckets"] = {"step": cfg.bucket_step, "max_aspect": cfg.bucket_max_aspect}
 
     manifest = Manifest(
         fingerprint=fingerprint(weights, preprocessing, cfg.cache_dtype),
@@ -257,7 +293,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         shift_factor=getattr(vae.config, "shift_factor", None),
         dataset={"name": cfg.dataset, "split": cfg.split, "num_records": len(source.records),
                  "records_sha256": record_ids},
-        config=asdict(cfg),
+        config={**asdict(cfg), "resolution": preprocessing["resolution"]},
     )
 
     unfinished = None if cfg.overwrite else unfinished_encode(cache)  # (processes, journal manifest)
@@ -285,7 +321,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
                                 f"(see {cache / MANIFEST_NAME})")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
             return old, parts
-        log(f"cache {cache}: {len(stale.kept)} samples unchanged; stale: {len(stale.added)} added"
+        log(f"cache {cache}: {len({s.key for s in stale.kept})} samples unchanged; stale: {len(stale.added)} added"
             + (f" ({_names(stale.added)})" if stale.added else "")
             + f", {len(stale.changed)} changed" + (f" ({_names(stale.changed)})" if stale.changed else "")
             + f", {len(stale.removed)} removed" + (f" ({_names(stale.removed)})" if stale.removed else ""))
@@ -322,7 +358,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
 
     loader = DataLoader(PreprocessDataset(source, todo[writer.records_done:], cfg), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=list)
-    truncated = 0
+    truncated, loop_started, done_before = 0, time.time(), writer.records_done
     with tqdm(total=len(todo), initial=writer.records_done, desc="encode", unit="img", disable=rank != 0) as bar:
         for batch in loader:
             good = [item for item in batch if "skip" not in item]
@@ -334,7 +370,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
                     writer.skip(item["key"], item["skip"], caption=item["caption"] if isinstance(item["caption"], str) else None,
                                 sha256=item.get("source", {}).get("sha256"))
                 else:
-                    writer.add(encoded.pop(0), item["key"], item["caption"], item["source"])
+                    writer.add_record(encoded.pop(0), item["key"], item["caption"], item["source"])
                 kill_point("shards", len(writer.manifest.shards))
             bar.update(len(batch))
     manifest = writer.finish()
@@ -351,30 +387,41 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         raise UserError(f"no usable images in {cfg.dataset}: all {len(manifest.skipped)} inputs were skipped "
                         f"(see {cache / MANIFEST_NAME})")
     total_bytes = sum(s.bytes for s in manifest.shards)
+    rate = (len(todo) - done_before) / max(time.time() - loop_started, 1e-9)  # this process, models loaded
     log(f"encoded {manifest.num_samples} samples ({len(manifest.skipped)} skipped) into {len(manifest.shards)} "
-        f"shard(s), {total_bytes / 1e6:.1f} MB, in {time.time() - started:.1f} s -> {cache}")
+        f"shard(s), {total_bytes / 1e6:.1f} MB, in {time.time() - started:.1f} s ({rate:.1f} images/s after "
+        f"loading the encoders) -> {cache}")
     return manifest, parts
 
 
-def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[dict]:
-    """Encode a batch of preprocessed items; returns one dict of unbatched tensors per item."""
-    pixels = torch.stack([item["pre"].pixels for item in items])  # (B, 3, R, R)
-    n = len(items)
-    if flip:
-        pixels = torch.cat([pixels, pixels.flip(-1)])  # mirrored copies encoded in the same pass
-    mean, std = encode_latents(vae, pixels)
+def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[list]:
+    """Encode a batch of preprocessed items; returns per item its [(group, dict of unbatched tensors)], one
+    per resolution. The VAE sees one pass per image shape (a resolution and bucket), mirrored copies included."""
     prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, [item["caption"] for item in items])
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}  # pixel shape -> (item, resolution slot)
+    for i, item in enumerate(items):
+        for j, (_, pre) in enumerate(item["pre"]):
+            by_shape.setdefault(tuple(pre.pixels.shape), []).append((i, j))
+    latents = {}  # (item, slot) -> (mean, std, mean_flipped, std_flipped)
+    for members in by_shape.values():
+        pixels = torch.stack([items[i]["pre"][j][1].pixels for i, j in members])  # (B, 3, H, W)
+        n = len(members)
+        if flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])  # mirrored copies encoded in the same pass
+        mean, std = encode_latents(vae, pixels)
+        for k, member in enumerate(members):
+            latents[member] = (mean[k], std[k]) + ((mean[n + k], std[n + k]) if flip else ())
     out = []
     for i, item in enumerate(items):
-        sample = {
-            "latent_mean": mean[i], "latent_std": std[i],
-            "prompt_embeds": prompt_embeds[i], "pooled_prompt_embeds": pooled[i],
-            "time_ids": item["pre"].time_ids,
-        }
-        if flip:
-            sample.update(latent_mean_flipped=mean[n + i], latent_std_flipped=std[n + i],
-                          time_ids_flipped=item["pre"].time_ids_flipped)
-        out.append({k: v.detach().cpu() for k, v in sample.items()})
+        record = []
+        for j, (group, pre) in enumerate(item["pre"]):
+            lat = latents[(i, j)]
+            sample = {"latent_mean": lat[0], "latent_std": lat[1], "prompt_embeds": prompt_embeds[i],
+                      "pooled_prompt_embeds": pooled[i], "time_ids": pre.time_ids}
+            if flip:
+                sample.update(latent_mean_flipped=lat[2], latent_std_flipped=lat[3], time_ids_flipped=pre.time_ids_flipped)
+            record.append((group, {k: v.detach().cpu() for k, v in sample.items()}))
+        out.append(record)
     return out
 
 
@@ -390,13 +437,21 @@ def describe(manifest: Manifest) -> str:
         f"model            {m.encoder.get('model')} (revision {m.encoder.get('revision')}, variant {m.encoder.get('variant')})",
         f"vae override     {m.encoder.get('vae')}",
         f"dataset          {m.dataset.get('name')} [{m.dataset.get('split')}]",
-        f"resolution       {m.preprocessing.get('resolution')}",
+        f"resolution       {', '.join(map(str, m.resolutions))}",
         f"crop             {'center' if m.preprocessing.get('center_crop') else 'random (recorded)'}",
         f"flip             {m.preprocessing.get('flip')}",
         f"dtype            {m.dtype}",
         f"scaling factor   {m.scaling_factor}" + (f", shift {m.shift_factor}" if m.shift_factor else ""),
         f"fingerprint      {m.fingerprint}",
     ]
+    if m.bucketed:
+        for r in m.resolutions:
+            counts: dict = {}
+            for s in m.samples:
+                if m.shard_resolution(s.shard) == r:
+                    size = m.shard_size(s.shard)
+                    counts[size] = counts.get(size, 0) + 1
+            lines.append(f"buckets at {r:<6d}" + ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items())))
     for s in m.skipped[:20]:
         lines.append(f"skipped          {s['key']}: {s['reason']}")
     if len(m.skipped) > 20:

@@ -98,7 +98,7 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         "## Training data",
         "",
         f"- dataset: `{dataset.get('name', '?')}`" + (f", split `{dataset['split']}`" if dataset.get("split") else ""),
-        f"- samples: {len(samples)}" + (f" at {preprocessing['resolution']}²" if preprocessing.get("resolution") else "")
+        f"- samples: {len({_get(s, 'key', i) for i, s in enumerate(samples)})}" + _resolution_text(preprocessing, cfg)
         + (", center crop" if preprocessing.get("center_crop") else ", random crop" if "center_crop" in preprocessing else "")
         + (", random flips" if preprocessing.get("flip") else ""),
         f"- cache fingerprint: `{fingerprint}`",
@@ -300,3 +300,14 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _resolution_text(preprocessing: dict, cfg: dict) -> str:
+    """' at 512²', ' at 512-1024² (schedule 512:500,1024)', plus ', aspect-ratio buckets'."""
+    r = preprocessing.get("resolution")
+    if not r:
+        return ""
+    text = f" at {r}²" if isinstance(r, int) else f" at {'/'.join(map(str, r))}²"
+    if cfg.get("resolution_schedule"):
+        text += f" (--resolution-schedule {cfg['resolution_schedule']})"
+    return text + (", aspect-ratio buckets" if preprocessing.get("buckets") else "")

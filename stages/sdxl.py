@@ -101,7 +101,15 @@ def load_encoders(src: ModelSource, vae: str | None = None) -> dict:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     parts = {}
-    if src.kind == "single_file":
+    if src.kind == "random":  # benchmarks: full-size encoders, random weights, a character-level tokenizer
+        import tempfile
+        parts = random_encoders(torch.device("cpu"))
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tiny_tokenizer(Path(tmp))
+            for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+                parts[name] = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                            model_max_length=77, pad_token=pad)
+    elif src.kind == "single_file":
         try:
             pipe = StableDiffusionXLPipeline.from_single_file(
                 src.model, config=src.model_config, unet=None, torch_dtype=torch.float32)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache import CacheReader, epoch_order
+from cache import CacheReader, bucket_epoch_batches, epoch_order
 from cache.format import write_json_atomic
 from stages import distributed
 from stages.encode import resolve_device
@@ -43,6 +43,7 @@ class TrainConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --model (default: the cache's)."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant of --model, e.g. fp16 (default: the cache's)."})
     model_config: str | None = field(default=None, metadata={"help": "Single-file --model only: folder or hub id with its configs."})
+    resolution_schedule: str | None = field(default=None, metadata={"help": "Train progressively through the resolutions of a multi-resolution cache: res:steps,... in optimizer steps, the last stage may omit its steps (it runs to --max-steps), e.g. 512:500,768:500,1024 (default: the cache's only resolution)."})
     rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/rank."})
     target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Comma-separated UNet module names that get the adapter, or a preset: attn (these four), attn-ff, all-linear, all (see README)."})
@@ -117,30 +118,76 @@ def use_flipped(seed: int, position: int) -> bool:
 
 # ------------------------------------------------------------------------------------------- data
 class CacheStream(Dataset):
-    """Item p = the p-th sample the run visits: epoch p // N in that epoch's order, orientation drawn."""
+    """Item p = the p-th sample the run visits (p counts from `offset`, the first position of a resolution stage).
+
+    Square caches: epoch p // N in that epoch's order. Bucketed caches: global micro-batches of `batch`
+    positions, each filled from one bucket (cache.bucket_epoch_batches). The orientation is drawn per position."""
 
     KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 
-    def __init__(self, reader: CacheReader, seed: int):
-        self.reader, self.seed = reader, seed
-        self._orders: dict[int, torch.Tensor] = {}
+    def __init__(self, reader: CacheReader, seed: int, batch: int = 1, offset: int = 0):
+        self.reader, self.seed, self.batch, self.offset = reader, seed, batch, offset
+        self._orders: dict[int, object] = {}
+        self._buckets = list(reader.buckets().values()) if reader.manifest.bucketed else None
+        if self._buckets:
+            self._batches_per_epoch = sum(-(-len(members) // batch) for members in self._buckets)
 
     def __len__(self):  # positions are unbounded; the sampler decides which are visited
         return 1 << 62
 
     def index_at(self, position: int) -> int:
         """The cache index visited at `position`."""
+        p = position - self.offset
+        if self._buckets:
+            micro, slot = divmod(p, self.batch)
+            epoch, k = divmod(micro, self._batches_per_epoch)
+            if epoch not in self._orders:
+                self._orders = {epoch: bucket_epoch_batches(self._buckets, self.batch, self.seed, epoch)}
+            return self._orders[epoch][k][slot]
         n = len(self.reader)
-        epoch = position // n
+        epoch = p // n
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(n, self.seed, epoch)}
-        return int(self._orders[epoch][position % n])
+        return int(self._orders[epoch][p % n])
 
     def __getitem__(self, position: int) -> dict:
         sample = self.reader[self.index_at(position)]
         suffix = "_flipped" if self.reader.flipped and use_flipped(self.seed, position) else ""
         return {**{k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS},
                 "position": torch.tensor(position)}  # per-sample draws of the recipe (caption dropout, strata)
+
+
+def resolution_stages(cfg: TrainConfig, manifest) -> list[tuple[int, int, int]]:
+    """(resolution, first step, end step) per stage of --resolution-schedule, in optimizer steps."""
+    available = manifest.resolutions
+    if not cfg.resolution_schedule:
+        if len(available) > 1:
+            raise UserError(f"cache {cfg.cache} holds resolutions {', '.join(map(str, available))}: choose with "
+                            f"--resolution-schedule, e.g. {available[-1]} or {available[0]}:500,{available[-1]}")
+        return [(available[0], 0, cfg.max_steps)]
+    entries = [e.strip() for e in cfg.resolution_schedule.split(",") if e.strip()]
+    stages, start = [], 0
+    for i, entry in enumerate(entries):
+        res, _, steps = entry.partition(":")
+        last = i == len(entries) - 1
+        if not res.isdigit() or not (steps.isdigit() or (last and not steps)) or (steps and int(steps) < 1):
+            raise UserError(f"--resolution-schedule {cfg.resolution_schedule}: expected res:steps,..., the last "
+                            f"steps optional, e.g. 512:500,1024 ({entry!r})")
+        if int(res) not in available:
+            raise UserError(f"--resolution-schedule: the cache holds resolution(s) {', '.join(map(str, available))}, "
+                            f"not {res}; encode with --resolution {','.join(map(str, sorted({*available, int(res)})))}")
+        end = start + int(steps) if steps else cfg.max_steps
+        stages.append((int(res), start, end))
+        start = end
+    if start != cfg.max_steps or any(a >= b for _, a, b in stages):
+        raise UserError(f"--resolution-schedule {cfg.resolution_schedule} covers {start} optimizer steps, "
+                        f"--max-steps is {cfg.max_steps}: make them agree, or leave the last stage's steps out")
+    return stages
+
+
+def stage_resolution(stages: list[tuple[int, int, int]], step: int) -> int:
+    """The resolution trained at optimizer step `step` (0-based)."""
+    return next(r for r, a, b in stages if a <= step < b)
 
 
 class RankPositions:
@@ -161,21 +208,28 @@ class RankPositions:
 
 def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device,
                   rank: int = 0, world_size: int = 1):
-    """Yield (optimizer_step, [micro-batch dicts on device]) from `first_step` to cfg.max_steps.
+    """Yield (optimizer_step, [micro-batch dicts on device]) from `first_step` to cfg.max_steps, stage by stage
+    of --resolution-schedule.
 
     Under torchrun, rank r gets its slice of every global micro-batch of batch_size × world_size: the
     positions, in the order, of one process training with that batch."""
-    positions = RankPositions(first_step * cfg.grad_accum, cfg.max_steps * cfg.grad_accum, cfg.batch_size,
-                              rank, world_size)
-    loader = DataLoader(CacheStream(reader, cfg.seed), batch_size=cfg.batch_size, sampler=positions,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-    step, group = first_step, []
-    for batch in loader:
-        group.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        if len(group) == cfg.grad_accum:
-            yield step, group
-            step, group = step + 1, []
+    one = len(reader.manifest.resolutions) == 1
+    for resolution, start, end in resolution_stages(cfg, reader.manifest):
+        if end <= first_step:
+            continue
+        stream = CacheStream(reader if one else CacheReader(reader.path, resolution), cfg.seed,
+                             batch=cfg.batch_size * world_size, offset=start * cfg.grad_accum * cfg.batch_size * world_size)
+        begin = max(start, first_step)
+        positions = RankPositions(begin * cfg.grad_accum, end * cfg.grad_accum, cfg.batch_size, rank, world_size)
+        loader = DataLoader(stream, batch_size=cfg.batch_size, sampler=positions,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+        step, group = begin, []
+        for batch in loader:
+            group.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            if len(group) == cfg.grad_accum:
+                yield step, group
+                step, group = step + 1, []
 
 
 # ------------------------------------------------------------------------------- the training step
@@ -520,10 +574,9 @@ class Validator:
         self.vae = load_decoder_vae(source, reader.manifest.encoder.get("vae")).to(torch.float32).eval()
         self.vae.requires_grad_(False)
         self.vae.enable_tiling()
-        self.resolution = int(reader.manifest.preprocessing["resolution"])
         self.cfg = cfg
 
-    def __call__(self, model: "Model", step: int, out: Path) -> dict:
+    def __call__(self, model: "Model", step: int, out: Path, resolution: int) -> dict:
         from stages.sample import labelled_grid, render_embeddings
         device = model.device
         if device.type == "cuda":
@@ -532,7 +585,7 @@ class Validator:
         self.vae.to(device)
         try:
             images = render_embeddings(model.unet, self.vae, model.noise_scheduler, self.embeddings["prompt_embeds"],
-                                       self.embeddings["pooled_prompt_embeds"], self.resolution,
+                                       self.embeddings["pooled_prompt_embeds"], resolution,
                                        self.cfg.validation_steps, self.cfg.validation_guidance, self.cfg.seed)
         finally:
             self.vae.to("cpu")
@@ -561,6 +614,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         problems = reader.verify()
         if problems:
             raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; re-encode it with --overwrite")
+    schedule = resolution_stages(cfg, reader.manifest)  # a bad --resolution-schedule fails before the UNet loads
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
     main = distributed.is_main()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
@@ -600,11 +654,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             row = {"step": step + 1, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                    "skipped": result["skipped"], "seconds": round(now - last, 4),
                    "images_per_s": round(per_step / max(now - last, 1e-9), 3)}
+            if len(schedule) > 1:
+                row["resolution"] = stage_resolution(schedule, step)
             if device.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                 peak_gib = max(peak_gib or 0.0, row["peak_gib"])
             if validator and (step + 1) % cfg.validate_every == 0:
-                row.update(validator(model, step + 1, out))
+                row.update(validator(model, step + 1, out, stage_resolution(schedule, step)))
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tracker.log(step + 1, row)
