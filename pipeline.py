@@ -174,6 +174,8 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "lora_type", type=click.Choice(["lora", "dora", "loha", "lokr"]))
 @from_config(TrainConfig, "rank_pattern")
 @from_config(TrainConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
+@from_config(TrainConfig, "compile", type=click.Choice(["none", "regional"]))
+@from_config(TrainConfig, "vram_budget")
 @from_config(TrainConfig, "batch_size", callback=positive)
 @from_config(TrainConfig, "grad_accum", callback=positive)
 @from_config(TrainConfig, "learning_rate", callback=positive)

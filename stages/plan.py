@@ -1,0 +1,250 @@
+"""`train --vram-budget 12GiB`: pick the fastest training configuration whose peak GPU memory fits.
+
+    candidates (checkpointing × base weights × optimizer × compile × micro-batch | effective batch fixed)
+      -> peak GiB and img/s of each: a measured bench row where one matches, else the estimate below
+      -> drop those whose peak + safety margin exceeds the budget -> the fastest (near-ties: less memory)
+
+The estimate is a small model of the full-size SDXL UNet with the reference LoRA (r16 on attention,
+23,224,320 trainable parameters), calibrated on the H200 measurements in bench/RESULTS.md:
+    peak = base weights (bytes per parameter by format) + LoRA params, grads, optimizer states
+           + fixed workspaces + micro-batch × activations per sample (by resolution, checkpointing)
+    time per optimizer step = grad_accum × time per micro-batch + optimizer step
+Other architectures, ranks or GPUs: pass measured rows (`load_table` on `bench`'s output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.bench import parse_size
+from stages.errors import UserError
+
+GIB = 2**30
+
+# ---- memory (GiB) ----
+# Parameters of the SDXL UNet by kind, counted on the meta device from stages/sdxl.py SDXL_UNET_CONFIG
+# (tests/test_plan.py recounts them): Linear weight matrices are what fp8/int8/nf4 shrink; convolutions,
+# biases and norms stay in the compute dtype.
+LINEAR_WEIGHT_PARAMS = 2_232_647_680
+OTHER_PARAMS = 334_816_004
+BYTES_PER_LINEAR_WEIGHT = {
+    "bf16": 2.0, "fp16": 2.0,
+    "fp8": 1.0,    # float8 storage, upcast layer by layer (and again in backward, not saved for it)
+    "int8": 1.0,   # bitsandbytes Linear8bitLt; its per-row fp32 scales are < 0.1 MB
+    "nf4": 0.5 + 1 / 64 + 4 / (64 * 256),  # Linear4bit: 4 bits + double-quantized absmax per 64 weights
+}
+LORA_PARAMS = 23_224_320
+LORA_BYTES_PER_PARAM = {  # fp32 param + fp32 grad + optimizer states
+    "adamw": 4 + 4 + 8,                   # two fp32 moments: 186 MB
+    "adamw8bit": 4 + 4 + 2 + 2 * 4 / 256,  # two 8-bit moments + a fp32 absmax per 256: 46 MB
+}
+WORKSPACE_GIB = 0.20  # cuBLAS/cuDNN workspaces, inputs: the intercept of peak vs micro-batch (b4 12.72, b16 34.9 GiB)
+# Activations per sample at (512², 1024²), linear in pixel count between and beyond. No checkpointing:
+# slope of peak vs micro-batch at 512² (b4 → b16) and b8 at 1024² (48.9 GiB); checkpointing: b1 peaks
+# at 512² / 1024² (5.36 / 5.84 GiB) less weights, LoRA state and workspaces.
+ACTIVATIONS_GIB = {False: (1.85, 5.45), True: (0.17, 0.64)}
+COMPILE_GIB = 0.01  # regional compile, measured at b4 512² (12.73 vs 12.72 GiB)
+
+# Safety margin between the planned peak (allocated) and the budget. Allocator fragmentation: reserved
+# exceeded allocated by up to 7.3% in bench/RESULTS.md (6.26 vs 5.84 GiB at 1024²). CUDA context and
+# library handles live outside the allocator: typically 0.3-0.5 GiB of the card.
+RESERVED_PER_ALLOCATED = 1.08
+CONTEXT_GIB = 0.5
+
+# ---- speed (s) ----
+# The eager step is host-bound (kernel launches): ≈ constant time per micro-batch whatever its size,
+# until the GPU's work takes longer. Checkpointing re-runs the forward: ≈ 2× the host time.
+HOST_S_PER_MICRO_BATCH = {False: 0.40, True: 0.85}  # no-ckpt b4 9.78 img/s; ckpt b1×4 ≈ 1.1-1.3 img/s
+GPU_TFLOPS = 300.0  # assumed achievable bf16 rate on an H200 (~40% of the 790 measured); not yet calibrated
+FORWARD_TFLOP_PER_IMAGE = (1.6, 6.8)  # at 512², 1024² (torch's FLOP counter); backward ≈ 1×, recompute 1×
+# Per-layer dequantization / upcast: nf4 from its ckpt runs (0.63-0.75 img/s); fp8 and int8 not measured yet.
+WEIGHTS_SLOWDOWN = {"bf16": 1.0, "fp16": 1.0, "fp8": 1.15, "int8": 1.7, "nf4": 1.7}
+COMPILE_SPEEDUP = 0.86  # regional compile: 11.34 vs 9.78 img/s (no ckpt), 1.34 vs ≈ 1.15 (ckpt)
+COMPILE_START_S = 30.0  # its extra time before the first step (20-40 s measured)
+OPTIMIZER_STEP_S = {"adamw": 0.007, "adamw8bit": 0.09}  # fused AdamW vs bitsandbytes 8-bit
+NEAR_TIE = 0.02  # speeds within 2% count as equal (the estimates are good to ~10%): take less memory
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One training configuration; field names are TrainConfig's."""
+    gradient_checkpointing: bool
+    base_weights: str  # bf16/fp16 (the compute dtype), fp8, int8, nf4
+    optimizer: str     # adamw (fused) or adamw8bit
+    compile: str       # none or regional
+    batch_size: int    # micro-batch
+    grad_accum: int
+
+    def describe(self) -> str:
+        ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
+        mode = "regional compile" if self.compile == "regional" else "eager"
+        return (f"{self.base_weights} weights, {ckpt}, {self.optimizer}, {mode}, "
+                f"micro-batch {self.batch_size} × grad-accum {self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What can run here; the planner searches their product (`choices_for` builds it for a config)."""
+    gradient_checkpointing: tuple[bool, ...] = (False, True)
+    base_weights: tuple[str, ...] = ("bf16", "fp8", "int8", "nf4")
+    optimizer: tuple[str, ...] = ("adamw", "adamw8bit")
+    compile: tuple[str, ...] = ("none", "regional")
+
+
+def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
+    """What the dataclass config `cfg` can express here (no base_weights field: the compute dtype only; no compile
+    field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit)."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    weights = ("fp8",) + (("int8", "nf4") if bitsandbytes else ()) if "base_weights" in fields else ()
+    return Choices(base_weights=(compute_dtype,) + weights,
+                   optimizer=("adamw", "adamw8bit") if bitsandbytes else ("adamw",),
+                   compile=("none", "regional") if "compile" in fields else ("none",))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    peak_gib: float       # peak allocated GPU memory
+    images_per_s: float
+    peak_measured: bool   # from a bench row rather than the model above
+    speed_measured: bool
+
+    @property
+    def source(self) -> str:
+        kinds = {(True, True): "measured", (False, False): "estimated"}
+        return kinds.get((self.peak_measured, self.speed_measured),
+                         "peak measured, speed estimated" if self.peak_measured else "peak estimated, speed measured")
+
+
+@dataclass(frozen=True)
+class Plan:
+    choice: Candidate
+    estimate: Estimate
+    needed_gib: float  # peak with the safety margin: what was compared with the budget
+    reason: str        # what was chosen and why, and what was rejected
+
+
+# --------------------------------------------------------------------------------------- estimates
+def _at_resolution(at_512_and_1024: tuple[float, float], resolution: int) -> float:
+    """Linear in pixel count through the values at 512² and 1024²."""
+    low, high = at_512_and_1024
+    return low + (high - low) * ((resolution / 512) ** 2 - 1) / 3
+
+
+def needed_gib(peak_gib: float) -> float:
+    return peak_gib * RESERVED_PER_ALLOCATED + CONTEXT_GIB
+
+
+def estimate_peak_gib(c: Candidate, resolution: int) -> float:
+    weights = LINEAR_WEIGHT_PARAMS * BYTES_PER_LINEAR_WEIGHT[c.base_weights] + OTHER_PARAMS * 2
+    lora = LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer]
+    activations = c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
+    return (weights + lora) / GIB + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
+
+
+def micro_batch_s(c: Candidate, resolution: int) -> float:
+    """Seconds per micro-batch (forward + backward): the host's launch time or the GPU's work, whichever is longer."""
+    passes = 3 if c.gradient_checkpointing else 2
+    gpu = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GPU_TFLOPS
+    seconds = max(HOST_S_PER_MICRO_BATCH[c.gradient_checkpointing], gpu) * WEIGHTS_SLOWDOWN[c.base_weights]
+    return seconds * (COMPILE_SPEEDUP if c.compile == "regional" else 1)
+
+
+def images_per_s(c: Candidate, micro_s: float) -> float:
+    return c.batch_size * c.grad_accum / (c.grad_accum * micro_s + OPTIMIZER_STEP_S[c.optimizer])
+
+
+def load_table(path: str | Path) -> list[dict]:
+    """Bench rows from a file of `bench` output: its JSON lines (other lines are skipped)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    return [r for r in rows if "resolution" in r]
+
+
+def _matches(row: dict, c: Candidate, resolution: int) -> bool:
+    return (row.get("resolution"), row.get("micro_batch"), row.get("checkpointing"), row.get("base_weights"),
+            row.get("optimizer"), row.get("compile", "none")) == (
+        resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile)
+
+
+def estimate(c: Candidate, resolution: int, table: list[dict] | None = None) -> Estimate:
+    """Peak GiB and img/s of `c`; matching measured rows win over the model (the largest peak of repeats)."""
+    rows = [r for r in table or [] if _matches(r, c, resolution)]
+    peaks = [r["peak_allocated_gib"] for r in rows if r.get("peak_allocated_gib") is not None]
+    # a row's img/s is for its own grad_accum: recover its time per micro-batch, then re-time for ours
+    micro = [(r["micro_batch"] * r.get("grad_accum", c.grad_accum) / r["images_per_s"]
+              - OPTIMIZER_STEP_S[c.optimizer]) / r.get("grad_accum", c.grad_accum)
+             for r in rows if r.get("images_per_s")]
+    return Estimate(peak_gib=max(peaks) if peaks else estimate_peak_gib(c, resolution),
+                    images_per_s=images_per_s(c, sum(micro) / len(micro) if micro else micro_batch_s(c, resolution)),
+                    peak_measured=bool(peaks), speed_measured=bool(micro))
+
+
+# -------------------------------------------------------------------------------------------- plan
+def candidates(effective_batch: int, allowed: Choices) -> list[Candidate]:
+    sizes = [b for b in range(1, effective_batch + 1) if effective_batch % b == 0]
+    return [Candidate(ckpt, weights, opt, comp, b, effective_batch // b) for ckpt, weights, opt, comp, b in
+            itertools.product(allowed.gradient_checkpointing, allowed.base_weights, allowed.optimizer,
+                              allowed.compile, sizes)]
+
+
+def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[dict] | None = None,
+         allowed: Choices = Choices(), max_steps: int | None = None) -> Plan:
+    """The fastest candidate whose peak + margin fits `budget_bytes`. With max_steps, compile's start-up
+    time counts against its speed (a short run may not earn it back)."""
+    if effective_batch < 1:
+        raise UserError(f"effective batch {effective_batch}: must be >= 1")
+    budget = budget_bytes / GIB
+    scored = []
+    for c in candidates(effective_batch, allowed):
+        e = estimate(c, resolution, table)
+        run_s = (max_steps or 1) * effective_batch / e.images_per_s
+        if max_steps and c.compile == "regional":
+            run_s += COMPILE_START_S
+        scored.append((run_s, e.peak_gib, c, e))
+    scored.sort(key=lambda s: (s[0], s[1]))
+    fits = [s for s in scored if needed_gib(s[1]) <= budget]
+    where = f"{resolution}², effective batch {effective_batch}"
+    if not fits:
+        _, peak, c, _ = min(scored, key=lambda s: s[1])
+        raise UserError(f"--vram-budget {budget:.2f} GiB: no configuration fits at {where}; the smallest, "
+                        f"{c.describe()}, peaks at ~{peak:.2f} GiB ({needed_gib(peak):.2f} GiB with the safety margin)")
+    near = [s for s in fits if s[0] <= fits[0][0] * (1 + NEAR_TIE)]
+    run_s, peak, choice, est = min(near, key=lambda s: s[1])
+    over = [s for s in scored if s[0] < run_s and needed_gib(s[1]) > budget]  # faster, but too big
+    shown = over[:1] + [s for s in sorted(over, key=lambda s: s[1])[:2] if s is not over[0]]  # fastest, nearest misses
+    lines = [f"--vram-budget {budget:.2f} GiB at {where}: chose {choice.describe()}: ~{est.images_per_s:.2f} img/s, "
+             f"peak ~{peak:.2f} GiB ({needed_gib(peak):.2f} GiB with the safety margin; {est.source})"]
+    lines += [f"  rejected {c.describe()}: ~{e.images_per_s:.2f} img/s but needs ~{needed_gib(p):.1f} GiB"
+              for _, p, c, e in shown]
+    if len(over) > len(shown):
+        lines.append(f"  ... and {len(over) - len(shown)} more faster configurations over the budget")
+    reason = "\n".join(lines)
+    return Plan(choice, est, needed_gib(peak), reason)
+
+
+_PLAIN = {"base_weights": ("bf16", "fp16"), "compile": ("none",)}  # what a config without such a field runs
+
+
+def apply_plan(cfg, plan: Plan):
+    """A copy of the dataclass config `cfg` with the plan's choice in the fields it has."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    choice = dataclasses.asdict(plan.choice)
+    for name, plain in _PLAIN.items():
+        if name not in names and choice[name] not in plain:
+            raise ValueError(f"the plan chose {name}={choice[name]} but {type(cfg).__name__} has no {name} field")
+    return dataclasses.replace(cfg, **{k: v for k, v in choice.items() if k in names})
+
+
+def cap_gpu_memory(device, budget: str, log) -> int:
+    """Cap this process's CUDA allocator at `budget` (e.g. "12GiB"); returns it in bytes."""
+    import torch
+    if device.type != "cuda":
+        raise UserError("--vram-budget needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget_bytes = parse_size(budget)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
+    log(f"GPU memory capped at {budget_bytes / GIB:.2f} GiB of {total / GIB:.1f} GiB")
+    return budget_bytes
