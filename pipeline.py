@@ -157,6 +157,7 @@ def info(cache, verify):
 
 
 # ------------------------------------------------------------------------------------------- train
+from stages.quantize import BASE_WEIGHTS  # noqa: E402
 from stages.train import TrainConfig  # noqa: E402
 
 
@@ -174,7 +175,7 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "lora_type", type=click.Choice(["lora", "dora", "loha", "lokr"]))
 @from_config(TrainConfig, "rank_pattern")
 @from_config(TrainConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
-@from_config(TrainConfig, "compile", type=click.Choice(["none", "regional"]))
+@from_config(TrainConfig, "compile", type=click.Choice(["none", "regional", "regional-graphs"]))
 @from_config(TrainConfig, "vram_budget")
 @from_config(TrainConfig, "batch_size", callback=positive)
 @from_config(TrainConfig, "grad_accum", callback=positive)
@@ -193,6 +194,7 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
 @from_config(TrainConfig, "weight_decay", callback=non_negative)
 @from_config(TrainConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
+@from_config(TrainConfig, "base_weights", type=click.Choice(BASE_WEIGHTS))
 @from_config(TrainConfig, "attention", type=click.Choice(["auto", "sdpa", "xformers"]))
 @from_config(TrainConfig, "seed")
 @from_config(TrainConfig, "checkpoint_every", callback=non_negative)
@@ -224,12 +226,13 @@ from stages.bench import BenchConfig  # noqa: E402
 @from_config(BenchConfig, "batch_size", callback=positive)
 @from_config(BenchConfig, "grad_accum", callback=positive)
 @from_config(BenchConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
+@from_config(BenchConfig, "base_weights", type=click.Choice(BASE_WEIGHTS))
 @from_config(BenchConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
 @from_config(BenchConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
 @from_config(BenchConfig, "rank", callback=positive)
 @from_config(BenchConfig, "alpha", callback=positive)
 @from_config(BenchConfig, "target_modules")
-@from_config(BenchConfig, "compile", type=click.Choice(["none", "regional"]))
+@from_config(BenchConfig, "compile", type=click.Choice(["none", "regional", "regional-graphs"]))
 @from_config(BenchConfig, "steps", callback=positive)
 @from_config(BenchConfig, "warmup", callback=non_negative)
 @from_config(BenchConfig, "baseline")

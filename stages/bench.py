@@ -60,12 +60,13 @@ class BenchConfig:
     batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch."})
     grad_accum: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
     mixed_precision: str = field(default="auto", metadata={"help": "As in train."})
+    base_weights: str = field(default="auto", metadata={"help": "As in train."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "As in train."})
     optimizer: str = field(default="adamw8bit", metadata={"help": "As in train."})
     rank: int = field(default=16, metadata={"help": "LoRA rank."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
     target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "As in train."})
-    compile: str = field(default="none", metadata={"help": "none, or regional: torch.compile of the UNet's repeated blocks (diffusers compile_repeated_blocks)."})
+    compile: str = field(default="none", metadata={"help": "As in train: none, regional, regional-graphs."})
     steps: int = field(default=10, metadata={"help": "Timed optimizer steps."})
     warmup: int = field(default=2, metadata={"help": "Untimed optimizer steps first (compilation, allocator warm-up)."})
     baseline: bool = field(default=False, metadata={"help": "Also run the reference recipe (all FP32, VAE + text encoders on the GPU encoding every step) for a side-by-side ratio."})
@@ -127,6 +128,7 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, max_steps=total, warmup_steps=0, optimizer=cfg.optimizer,
                        mixed_precision="no" if baseline else cfg.mixed_precision, seed=cfg.seed,
+                       base_weights="auto" if baseline else cfg.base_weights, compile="none" if baseline else cfg.compile,
                        device=str(device), num_workers=0, checkpoint_every=0)
     uc = unet_config(ModelSource(cfg.model))
     pooled = uc["projection_class_embeddings_input_dim"] - 6 * uc["addition_time_embed_dim"]
@@ -143,8 +145,6 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             source = ModelSource(cfg.model)
             encoders = random_encoders(device) if source.kind == "random" else {
                 k: v.to(device) for k, v in load_encoders(source).items() if not k.startswith("tokenizer")}
-        if cfg.compile == "regional" and not baseline:
-            model.unet.compile_repeated_blocks()  # fullgraph=True hit the recompile limit with checkpointing
         flops = None
         times, first_step = [], None
         for step, micro in micro_batches(reader, tcfg, 0, device):
@@ -173,7 +173,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         row = {
             "recipe": "baseline: all FP32, encode every step" if baseline else "cached inputs, UNet only",
             "resolution": cfg.resolution, "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "precision": model.resolved["mixed_precision"], "base_weights": model.resolved["mixed_precision"],
+            "precision": model.resolved["mixed_precision"], "base_weights": model.resolved["base_weights"],
+            "base_gib": round(model.resolved["base_bytes_after"] / 2**30, 3),
             "checkpointing": cfg.gradient_checkpointing, "compile": "none" if baseline else cfg.compile,
             "optimizer": model.resolved["optimizer"], "trainable_parameters": model.resolved["trainable_parameters"],
             "images_per_s": round(images * len(timed) / sum(timed), 3),
@@ -219,8 +220,9 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         row["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         row["torch"] = torch.__version__
         rows.append(row)
-    keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "checkpointing", "compile", "optimizer",
-            "peak_allocated_gib", "peak_reserved_gib", "images_per_s", "time_to_first_step_s", "mfu"]
+    keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "base_weights", "base_gib",
+            "checkpointing", "compile", "optimizer", "peak_allocated_gib", "peak_reserved_gib", "images_per_s",
+            "time_to_first_step_s", "mfu"]
     for k in keys:
         log(f"{k:22s}" + "".join(f"{str(r.get(k, '-')):>40s}" for r in rows))
     if len(rows) == 2:

@@ -31,6 +31,7 @@ from stages.errors import UserError, kill_point
 from stages.recipes import Recipe, configure_noise_scheduler, make_recipe
 from stages.lora import (LORA_TYPES, LORA_WEIGHTS_NAME, attach_lora, load_lora_weights_into, parse_rank_pattern,
                          resolve_target_modules, save_lora)
+from stages.quantize import QUANTIZED, check_base_weights, quantize_base
 from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
 from stages.sdxl import ModelSource, load_noise_scheduler, load_unet
 
@@ -50,7 +51,7 @@ class TrainConfig:
     lora_type: str = field(default="lora", metadata={"help": "Adapter, through peft: lora, dora (weight-decomposed), loha (Hadamard product), lokr (Kronecker product); loha/lokr load through peft, not load_lora_weights (see README)."})
     rank_pattern: str | None = field(default=None, metadata={"help": "Other ranks for some modules: name=rank,... where a name (a regex) matches the end of a module path, e.g. to_k=8,mid_block.*=32 (peft rank_pattern; alpha stays --alpha)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward: far less memory, ~30% slower."})
-    compile: str = field(default="none", metadata={"help": "none, or regional: torch.compile of the UNet's repeated transformer blocks (diffusers compile_repeated_blocks; CUDA; ~20-40 s before the first step, then ~15% faster)."})
+    compile: str = field(default="none", metadata={"help": "none; regional: torch.compile of the UNet's repeated transformer blocks (diffusers compile_repeated_blocks; CUDA; ~20-40 s before the first step, then ~15% faster); regional-graphs: the same in mode reduce-overhead, which replays each block as a CUDA graph (less host time per step, more memory)."})
     vram_budget: str | None = field(default=None, metadata={"help": "GPU memory to fit, e.g. 12GiB: picks the fastest checkpointing / base weights / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, and caps this process at it (CUDA; overrides those flags)."})
     batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch."})
     grad_accum: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
@@ -69,6 +70,7 @@ class TrainConfig:
     optimizer: str = field(default="adamw8bit", metadata={"help": "adamw8bit (bitsandbytes, CUDA; else falls back to adamw) or adamw."})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU."})
+    base_weights: str = field(default="auto", metadata={"help": "How the frozen UNet is stored: auto = the compute dtype; bf16, fp16; fp8 (scaled per channel, upcast per layer); int8, nf4 (bitsandbytes, CUDA only). The LoRA trains in fp32 and loads into an ordinary pipeline either way."})
     attention: str = field(default="auto", metadata={"help": "auto = xformers when installed and working on the GPU, else PyTorch SDPA."})
     seed: int = field(default=42, metadata={"help": "Seed of the data order, flips, latent draws, noise and timesteps."})
     checkpoint_every: int = field(default=200, metadata={"help": "Save checkpoint-N/ every this many optimizer steps (0: never)."})
@@ -404,8 +406,12 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
         rank_pattern = parse_rank_pattern(cfg.rank_pattern)
     except ValueError as e:
         raise UserError(str(e)) from e
+    check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
     log(f"loading the UNet from {source.model}")
-    unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=device)
+    # a quantized base is loaded on the CPU and reaches the GPU one quantized layer at a time
+    unet = load_unet(source, dtype=autocast_dtype or torch.float32,
+                     device=torch.device("cpu") if cfg.base_weights in QUANTIZED else device)
+    base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
                                                 cfg.rescale_betas_zero_snr)
     if cfg.rescale_betas_zero_snr and noise_scheduler.config.prediction_type == "epsilon":
@@ -420,10 +426,11 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
         unet.enable_gradient_checkpointing()
     unet.to(device).train()
     attention = enable_attention(unet, cfg.attention, device, log)
-    if cfg.compile == "regional":
+    if cfg.compile != "none":
         if device.type != "cuda":
-            raise UserError("--compile regional needs a CUDA GPU")
-        unet.compile_repeated_blocks()  # fullgraph=True hit the recompile limit with checkpointing
+            raise UserError(f"--compile {cfg.compile} needs a CUDA GPU")
+        # fullgraph=True hit the recompile limit with checkpointing
+        unet.compile_repeated_blocks(**({"mode": "reduce-overhead"} if cfg.compile == "regional-graphs" else {}))
     optimizer, optimizer_name = make_optimizer(cfg.optimizer, params, cfg, device, log)
     from diffusers.optimization import get_scheduler
     try:
@@ -433,14 +440,15 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
         raise UserError(f"--lr-scheduler {cfg.lr_scheduler}: {e}") from e
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     trainable = sum(p.numel() for p in params)
-    resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."),
+    resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."), **base,
                 "optimizer": optimizer_name, "attention": attention, "trainable_parameters": trainable,
                 "effective_batch": cfg.batch_size * cfg.grad_accum * distributed.world_size(), "device": str(device),
                 "world_size": distributed.world_size(), "global_batch_size": cfg.batch_size * distributed.world_size(),
                 "learning_rate": optimizer.defaults["lr"]}
     resolved["prediction_type"] = noise_scheduler.config.prediction_type
     log(f"{LORA_TYPES[cfg.lora_type]} r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: "
-        f"{trainable:,} trainable parameters; {resolved['mixed_precision']}, {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}"
+        f"{trainable:,} trainable parameters; {resolved['mixed_precision']}, base {base['base_weights']} "
+        f"({base['base_bytes_after'] / 2**30:.2f} GiB), {optimizer_name}, {attention}, effective batch {resolved['effective_batch']}"
         + (f" (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × {resolved['world_size']} processes), "
            f"learning rate {resolved['learning_rate']:g}" + (" (--scale-lr)" if cfg.scale_lr else "")
            if resolved["world_size"] > 1 else ""))

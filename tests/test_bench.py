@@ -41,3 +41,13 @@ def test_parse_size_and_budget_errors():
         parse_size("lots")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         bench(BenchConfig(vram_budget="8GiB", device="cpu"), **QUIET)
+
+
+def test_bench_reports_the_base_weights_mode(tiny_model):
+    rows = {mode: bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=0, base_weights=mode,
+                                    device="cpu"), **QUIET)[0] for mode in ("auto", "fp8")}
+    assert rows["auto"]["base_weights"] == "fp32" and rows["fp8"]["base_weights"] == "fp8"
+    # Linear weights are most of the UNet: 4 bytes -> 1 byte each leaves well under 70% of the base
+    assert 0 < rows["fp8"]["base_gib"] < 0.7 * rows["auto"]["base_gib"]
+    assert rows["fp8"]["trainable_parameters"] == rows["auto"]["trainable_parameters"]
+    assert rows["fp8"]["last_loss"] > 0
