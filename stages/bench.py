@@ -121,14 +121,14 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
     from cache import CacheReader
     from stages.encode import encode_latents, encode_token_ids
     from stages.sdxl import ModelSource, load_encoders, random_encoders, unet_config
-    from stages.train import TrainConfig, micro_batches, setup_model, training_step
+    from stages.train import TrainConfig, apply_compile, micro_batches, setup_model, training_step
 
     total = cfg.warmup + cfg.steps
     tcfg = TrainConfig(model=cfg.model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, max_steps=total, warmup_steps=0, optimizer=cfg.optimizer,
                        mixed_precision="no" if baseline else cfg.mixed_precision, seed=cfg.seed,
-                       base_weights="auto" if baseline else cfg.base_weights, compile="none" if baseline else cfg.compile,
+                       base_weights="auto" if baseline else cfg.base_weights,
                        device=str(device), num_workers=0, checkpoint_every=0)
     uc = unet_config(ModelSource(cfg.model))
     pooled = uc["projection_class_embeddings_input_dim"] - 6 * uc["addition_time_embed_dim"]
@@ -137,9 +137,10 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         write_synthetic_cache(tmp, num_samples=max(8, cfg.batch_size * cfg.grad_accum), resolution=cfg.resolution,
                               text_width=uc["cross_attention_dim"], pooled_width=pooled, model=cfg.model)
         reader = CacheReader(tmp)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         model = setup_model(tcfg, reader, device, lambda *a: None)
+        if device.type == "cuda":  # the training steps' peak, as train logs it (not a quantizing load's)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         encoders = None
         if baseline:  # the model's own FP32 VAE and text encoders (random full-size ones for random:sdxl)
             source = ModelSource(cfg.model)
@@ -148,6 +149,9 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         flops = None
         times, first_step = [], None
         for step, micro in micro_batches(reader, tcfg, 0, device):
+            if flops is None:  # counted eagerly, before compiling: a counting pass would make compiled blocks recompile
+                flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
+                apply_compile(model.unet, "none" if baseline else cfg.compile, device)
             _sync(device)
             t0 = time.perf_counter()
             if encoders:  # the reference recipe: every micro-batch through the FP32 VAE and text encoders
@@ -166,8 +170,6 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             times.append(time.perf_counter() - t0)
             if first_step is None:
                 first_step = time.perf_counter() - started
-                one = {k: v[:1] for k, v in micro[0].items()}
-                flops = unet_forward_flops(model.unet, one)
         timed = times[cfg.warmup:]
         images = cfg.batch_size * cfg.grad_accum
         row = {

@@ -361,6 +361,17 @@ def enable_attention(unet, attention: str, device: torch.device, log) -> str:
         return "sdpa"
 
 
+def apply_compile(unet, mode: str, device: torch.device) -> None:
+    """--compile: regional compilation of the repeated transformer blocks (lazy: it happens in the first step);
+    regional-graphs adds mode reduce-overhead, which replays each compiled block as a CUDA graph."""
+    if mode == "none":
+        return
+    if device.type != "cuda":
+        raise UserError(f"--compile {mode} needs a CUDA GPU")
+    # fullgraph=True hit the recompile limit with checkpointing
+    unet.compile_repeated_blocks(**({"mode": "reduce-overhead"} if mode == "regional-graphs" else {}))
+
+
 def fit_vram_budget(cfg: TrainConfig, device: torch.device, resolution: int, log) -> TrainConfig:
     """--vram-budget: cap this process's GPU memory and switch to the fastest configuration that fits (stages/plan.py)."""
     from stages import plan
@@ -409,8 +420,8 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
     log(f"loading the UNet from {source.model}")
     # a quantized base is loaded on the CPU and reaches the GPU one quantized layer at a time
-    unet = load_unet(source, dtype=autocast_dtype or torch.float32,
-                     device=torch.device("cpu") if cfg.base_weights in QUANTIZED else device)
+    on_cpu = cfg.base_weights in QUANTIZED
+    unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=torch.device("cpu") if on_cpu else device)
     base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
                                                 cfg.rescale_betas_zero_snr)
@@ -426,11 +437,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
         unet.enable_gradient_checkpointing()
     unet.to(device).train()
     attention = enable_attention(unet, cfg.attention, device, log)
-    if cfg.compile != "none":
-        if device.type != "cuda":
-            raise UserError(f"--compile {cfg.compile} needs a CUDA GPU")
-        # fullgraph=True hit the recompile limit with checkpointing
-        unet.compile_repeated_blocks(**({"mode": "reduce-overhead"} if cfg.compile == "regional-graphs" else {}))
+    apply_compile(unet, cfg.compile, device)
     optimizer, optimizer_name = make_optimizer(cfg.optimizer, params, cfg, device, log)
     from diffusers.optimization import get_scheduler
     try:

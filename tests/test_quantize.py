@@ -146,6 +146,8 @@ def test_modes_that_cannot_run_here_stop_with_one_line(tiny_model, monkeypatch):
         check_base_weights("fp8", CPU, lora_type="dora")
     with pytest.raises(UserError, match="--lora-type lokr does not work on --base-weights nf4"):
         check_base_weights("nf4", torch.device("cuda"), lora_type="lokr")
+    with pytest.raises(UserError, match="--lora-type loha does not work on --base-weights int8; use --base-weights auto or fp8"):
+        check_base_weights("int8", torch.device("cuda"), lora_type="loha")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails as if not installed
     with pytest.raises(UserError, match="--base-weights nf4 needs bitsandbytes .*pip install bitsandbytes"):
         check_base_weights("nf4", torch.device("cuda"))
