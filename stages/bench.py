@@ -48,6 +48,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import dataclasses  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 
 from stages.errors import UserError  # noqa: E402
@@ -69,7 +70,7 @@ class BenchConfig:
     compile: str = field(default="none", metadata={"help": "As in train: none, regional, regional-graphs."})
     steps: int = field(default=10, metadata={"help": "Timed optimizer steps."})
     warmup: int = field(default=2, metadata={"help": "Untimed optimizer steps first (compilation, allocator warm-up)."})
-    baseline: bool = field(default=False, metadata={"help": "Also run the reference recipe (all FP32, VAE + text encoders on the GPU encoding every step) for a side-by-side ratio."})
+    baseline: bool = field(default=False, metadata={"help": "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio."})
     vram_budget: str | None = field(default=None, metadata={"help": "Cap this process's GPU memory, e.g. 16GiB, to prove a fit on a smaller card."})
     device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
     seed: int = field(default=42, metadata={"help": "Seed."})
@@ -127,9 +128,11 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
     tcfg = TrainConfig(model=cfg.model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, max_steps=total, warmup_steps=0, optimizer=cfg.optimizer,
-                       mixed_precision="no" if baseline else cfg.mixed_precision, seed=cfg.seed,
-                       base_weights="auto" if baseline else cfg.base_weights,
+                       mixed_precision=cfg.mixed_precision, seed=cfg.seed, base_weights=cfg.base_weights,
                        device=str(device), num_workers=0, checkpoint_every=0)
+    if baseline:  # the reference recipe at the same effective batch: FP32, checkpointing, micro-batch 1, 8-bit AdamW
+        tcfg = dataclasses.replace(tcfg, mixed_precision="no", base_weights="auto", gradient_checkpointing=True,
+                                   batch_size=1, grad_accum=cfg.batch_size * cfg.grad_accum, optimizer="adamw8bit")
     uc = unet_config(ModelSource(cfg.model))
     pooled = uc["projection_class_embeddings_input_dim"] - 6 * uc["addition_time_embed_dim"]
     started = time.perf_counter()
@@ -174,10 +177,10 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         images = cfg.batch_size * cfg.grad_accum
         row = {
             "recipe": "baseline: all FP32, encode every step" if baseline else "cached inputs, UNet only",
-            "resolution": cfg.resolution, "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "resolution": cfg.resolution, "micro_batch": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
             "precision": model.resolved["mixed_precision"], "base_weights": model.resolved["base_weights"],
             "base_gib": round(model.resolved["base_bytes_after"] / 2**30, 3),
-            "checkpointing": cfg.gradient_checkpointing, "compile": "none" if baseline else cfg.compile,
+            "checkpointing": tcfg.gradient_checkpointing, "compile": "none" if baseline else cfg.compile,
             "optimizer": model.resolved["optimizer"], "trainable_parameters": model.resolved["trainable_parameters"],
             "images_per_s": round(images * len(timed) / sum(timed), 3),
             "median_step_s": round(statistics.median(timed), 4),

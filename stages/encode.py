@@ -397,18 +397,18 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
 def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[list]:
     """Encode a batch of preprocessed items; returns per item its [(group, dict of unbatched tensors)], one
     per resolution. The VAE sees one pass per image shape (a resolution and bucket), mirrored copies included."""
-    prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, [item["caption"] for item in items])
+    prompt_embeds, pooled = (t.cpu() for t in encode_prompts(tokenizers, text_encoders, [item["caption"] for item in items]))
     by_shape: dict[tuple, list[tuple[int, int]]] = {}  # pixel shape -> (item, resolution slot)
     for i, item in enumerate(items):
         for j, (_, pre) in enumerate(item["pre"]):
             by_shape.setdefault(tuple(pre.pixels.shape), []).append((i, j))
     latents = {}  # (item, slot) -> (mean, std, mean_flipped, std_flipped)
     for members in by_shape.values():
-        pixels = torch.stack([items[i]["pre"][j][1].pixels for i, j in members])  # (B, 3, H, W)
+        pixels = torch.stack([items[i]["pre"][j][1].pixels for i, j in members]).to(vae.device)  # (B, 3, H, W)
         n = len(members)
         if flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])  # mirrored copies encoded in the same pass
-        mean, std = encode_latents(vae, pixels)
+        mean, std = (t.cpu() for t in encode_latents(vae, pixels))  # one device->host copy per tensor, not per sample
         for k, member in enumerate(members):
             latents[member] = (mean[k], std[k]) + ((mean[n + k], std[n + k]) if flip else ())
     out = []
@@ -420,7 +420,7 @@ def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool)
                       "pooled_prompt_embeds": pooled[i], "time_ids": pre.time_ids}
             if flip:
                 sample.update(latent_mean_flipped=lat[2], latent_std_flipped=lat[3], time_ids_flipped=pre.time_ids_flipped)
-            record.append((group, {k: v.detach().cpu() for k, v in sample.items()}))
+            record.append((group, {k: v.detach().clone() for k, v in sample.items()}))  # own storage, not a view
         out.append(record)
     return out
 

@@ -49,12 +49,34 @@ def load_pipeline(model: str, device: torch.device):
     return pipe.to(device)
 
 
-def render(pipe, prompts: list[str], cfg: SampleConfig, lora_scale: float | None) -> list[Image.Image]:
+def lora_sampling(lora: str) -> dict:
+    """How a LoRA must be sampled, from the train_config.json beside it (or its run's, for checkpoint-N): the
+    scheduler settings of a v-prediction / zero-terminal-SNR LoRA, empty for the model's own epsilon schedule."""
+    import json
+    for folder in (Path(lora), Path(lora).parent):
+        path = folder / "train_config.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            prediction = saved.get("resolved", {}).get("prediction_type") or saved.get("prediction_type")
+            zero_snr = bool(saved.get("rescale_betas_zero_snr"))
+            settings = {}
+            if prediction == "v_prediction":
+                settings["prediction_type"] = "v_prediction"
+            if zero_snr:  # Lin et al.: trailing timesteps and a guidance rescale of 0.7
+                settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+            return settings
+    return {}
+
+
+def render(pipe, prompts: list[str], cfg: SampleConfig, lora_scale: float | None,
+           guidance_rescale: float = 0.0) -> list[Image.Image]:
     """One image per prompt; image i uses seed + i. lora_scale None renders the base model."""
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(cfg.seed + i)
         kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+        if guidance_rescale:
+            kwargs["guidance_rescale"] = guidance_rescale
         latents = pipe(prompt, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
                        guidance_scale=cfg.guidance, height=cfg.resolution, width=cfg.resolution,
                        generator=generator, output_type="latent", **kwargs).images
@@ -150,7 +172,14 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
             load_into_pipeline(pipe, cfg.lora)  # any --lora-type (loha/lokr through peft)
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"LoRA in {cfg.lora} does not fit {cfg.model}: {str(e).splitlines()[0][:300]}") from e
-        tuned = render(pipe, prompts, cfg, lora_scale=cfg.lora_scale)
+        settings = lora_sampling(cfg.lora)
+        if settings:  # a v-prediction / zero-SNR LoRA needs the scheduler it was trained for
+            from diffusers import EulerDiscreteScheduler
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **settings)
+            log(f"sampling the LoRA with the scheduler it was trained for: "
+                + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        tuned = render(pipe, prompts, cfg, lora_scale=cfg.lora_scale,
+                       guidance_rescale=0.7 if settings.get("rescale_betas_zero_snr") else 0.0)
     else:
         tuned = base
     for name, im in zip(names, tuned):

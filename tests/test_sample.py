@@ -71,3 +71,26 @@ def test_empty_prompts_file_is_a_usage_error(tmp_path, tiny_model):
     result = CliRunner().invoke(cli, ["sample", "--model", str(tiny_model), "--prompts-file", str(empty),
                                       "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "holds no prompt" in result.output
+
+
+def test_a_v_prediction_zero_snr_lora_is_sampled_with_its_scheduler(trained, tiny_model, tmp_path):  # noqa: F811
+    import json
+    import shutil
+    from stages.sample import lora_sampling
+    out, _ = trained
+    assert lora_sampling(str(out)) == {}  # the reference recipe: the model's own epsilon scheduler
+    vpred = tmp_path / "vpred"
+    shutil.copytree(out, vpred)
+    saved = json.loads((vpred / "train_config.json").read_text())
+    saved["resolved"]["prediction_type"], saved["rescale_betas_zero_snr"] = "v_prediction", True
+    (vpred / "train_config.json").write_text(json.dumps(saved))
+    expected = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    assert lora_sampling(str(vpred)) == expected
+    (vpred / "checkpoint-9").mkdir(exist_ok=True)  # a checkpoint folder: its run's train_config.json counts
+    assert lora_sampling(str(vpred / "checkpoint-9")) == expected
+    logs = []
+    a = sample(config(vpred, tiny_model, tmp_path / "v", compare=False), log=logs.append)
+    b = sample(config(out, tiny_model, tmp_path / "e", compare=False), log=lambda *x: None)
+    assert any("v_prediction" in line and "trailing" in line for line in logs)
+    image = lambda p: np.asarray(Image.open(p[0]), dtype=np.int16)
+    assert np.abs(image(a) - image(b)).max() > 2  # another scheduler, another image from the same LoRA
