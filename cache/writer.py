@@ -15,11 +15,13 @@ from cache.format import (MANIFEST_NAME, PROGRESS_NAME, RANK_PROGRESS_PATTERN, R
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP32_TENSORS = ("time_ids", "time_ids_flipped")  # integers up to 4k+: exact only in fp32
+MAX_BUFFERED_SHARDS = 4  # with several groups (buckets, resolutions): queue up to this many shards' worth
 
 
 class CacheWriter:
-    """Collects samples into shards and records them for the manifest: once `shard_size` samples are
-    queued, each group (resolution and bucket) of them becomes one shard.
+    """Collects samples into shards and records them for the manifest. Shards never mix groups (resolution and
+    bucket): when one group has `shard_size` samples queued (or all together MAX_BUFFERED_SHARDS × that), every
+    queued group is written as its own shard, so shards of small groups can hold fewer samples.
 
     `manifest` holds everything but the shards/samples the writer fills in; `records_done` counts
     the input records consumed (encoded or skipped) up to the last flushed shard, which is where an
@@ -87,7 +89,10 @@ class CacheWriter:
         for group, tensors in samples:
             self._buffers.setdefault(group, []).append((tensors, key, caption, source))
         self._pending_records += 1
-        if sum(len(b) for b in self._buffers.values()) >= self.shard_size:
+        # Flush when one group has a full shard, or when all groups together hold MAX_BUFFERED_SHARDS shards' worth
+        # (bounded host memory); only whole records are ever queued, so records_done stays an exact resume point.
+        sizes = [len(b) for b in self._buffers.values()]
+        if max(sizes) >= self.shard_size or sum(sizes) >= self.shard_size * MAX_BUFFERED_SHARDS:
             self.flush()
 
     def skip(self, key: str, reason: str, caption: str | None = None, sha256: str | None = None) -> None:

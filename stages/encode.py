@@ -47,7 +47,7 @@ class EncodeConfig:
     flip: bool = field(default=True, metadata={"help": "Also encode the mirrored image so training can flip per step (p=0.5)."})
     cache_dtype: str = field(default="fp16", metadata={"help": "Storage dtype of latents and embeddings."})
     batch_size: int = field(default=8, metadata={"help": "Images per VAE / text-encoder batch."})
-    shard_size: int = field(default=256, metadata={"help": "Samples per shard file."})
+    shard_size: int = field(default=256, metadata={"help": "Samples per shard file (at most; with --buckets or several resolutions, shards of small buckets hold fewer)."})
     device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
     num_workers: int = field(default=2, metadata={"help": "Processes decoding and preprocessing images."})
     seed: int = field(default=42, metadata={"help": "Seed of --random-crop (crops are a function of seed and key)."})
@@ -161,11 +161,12 @@ class PreprocessDataset(Dataset):
         if min(image.size) * MIN_SIDE_FRACTION < largest:
             return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
                                     f"{largest}/{MIN_SIDE_FRACTION}, too small to upscale"}
-        item["pre"] = []  # ((resolution, height, width), Preprocessed) per resolution
+        item["pre"] = []  # ((resolution, height, width), Preprocessed) per resolution; group None: a plain square cache
+        plain = not self.buckets and len(self.resolutions) == 1  # its shards stay readable by earlier versions
         for r in self.resolutions:
             size = nearest_bucket(image.height, image.width, self.buckets[r]) if self.buckets else (r, r)
             pre = preprocess(image, r, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}", size=size)
-            item["pre"].append(((r, *size), pre))
+            item["pre"].append((None if plain else (r, *size), pre))
         return item
 
 
@@ -228,9 +229,9 @@ def _describe_difference(old: Manifest, new: Manifest) -> str:
     for part, value in new.encoder["weights"].items():
         if old.encoder.get("weights", {}).get(part) != value:
             diffs.append(f"{part} weights")
-    for k, v in new.preprocessing.items():
-        if old.preprocessing.get(k) != v:
-            diffs.append(f"{k} {old.preprocessing.get(k)} -> {v}")
+    for k in dict.fromkeys([*new.preprocessing, *old.preprocessing]):
+        if old.preprocessing.get(k) != new.preprocessing.get(k):
+            diffs.append(f"{k} {old.preprocessing.get(k)} -> {new.preprocessing.get(k)}")
     if old.dtype != new.dtype:
         diffs.append(f"cache dtype {old.dtype} -> {new.dtype}")
     if old.dataset.get("records_sha256") != new.dataset.get("records_sha256"):

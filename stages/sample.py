@@ -56,7 +56,10 @@ def lora_sampling(lora: str) -> dict:
     for folder in (Path(lora), Path(lora).parent):
         path = folder / "train_config.json"
         if path.exists():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{path} is unreadable ({e}); it tells how the LoRA was trained") from e
             prediction = saved.get("resolved", {}).get("prediction_type") or saved.get("prediction_type")
             zero_snr = bool(saved.get("rescale_betas_zero_snr"))
             settings = {}

@@ -122,15 +122,15 @@ def use_flipped(seed: int, position: int) -> bool:
 
 # ------------------------------------------------------------------------------------------- data
 class CacheStream(Dataset):
-    """Item p = the p-th sample the run visits (p counts from `offset`, the first position of a resolution stage).
+    """Item p = the p-th sample the run visits.
 
     Square caches: epoch p // N in that epoch's order. Bucketed caches: global micro-batches of `batch`
     positions, each filled from one bucket (cache.bucket_epoch_batches). The orientation is drawn per position."""
 
     KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 
-    def __init__(self, reader: CacheReader, seed: int, batch: int = 1, offset: int = 0):
-        self.reader, self.seed, self.batch, self.offset = reader, seed, batch, offset
+    def __init__(self, reader: CacheReader, seed: int, batch: int = 1):
+        self.reader, self.seed, self.batch = reader, seed, batch
         self._orders: dict[int, object] = {}
         self._buckets = list(reader.buckets().values()) if reader.manifest.bucketed else None
         if self._buckets:
@@ -141,7 +141,7 @@ class CacheStream(Dataset):
 
     def index_at(self, position: int) -> int:
         """The cache index visited at `position`."""
-        p = position - self.offset
+        p = position
         if self._buckets:
             micro, slot = divmod(p, self.batch)
             epoch, k = divmod(micro, self._batches_per_epoch)
@@ -159,6 +159,20 @@ class CacheStream(Dataset):
         suffix = "_flipped" if self.reader.flipped and use_flipped(self.seed, position) else ""
         return {**{k: sample[k + suffix if k in ("latent_mean", "latent_std", "time_ids") else k] for k in self.KEYS},
                 "position": torch.tensor(position)}  # per-sample draws of the recipe (caption dropout, strata)
+
+
+def note_small_buckets(reader: CacheReader, global_batch: int, log) -> None:
+    """Say which buckets are smaller than a global micro-batch: their batches repeat samples every epoch."""
+    m = reader.manifest
+    counts: dict = {}
+    for s in m.samples:
+        key = (m.shard_resolution(s.shard), m.shard_size(s.shard))
+        counts[key] = counts.get(key, 0) + 1
+    small = sorted((n, r, hw) for (r, hw), n in counts.items() if n % global_batch and n < global_batch)
+    if small:
+        log(f"note: {len(small)} bucket(s) hold fewer samples than a global micro-batch of {global_batch} "
+            f"(e.g. {small[0][2][1]}x{small[0][2][0]} at {small[0][1]}: {small[0][0]}); their batches repeat samples "
+            "every epoch, so they weigh more: a smaller --batch-size or a larger --bucket-step avoids it")
 
 
 def resolution_stages(cfg: TrainConfig, manifest) -> list[tuple[int, int, int]]:
@@ -181,6 +195,9 @@ def resolution_stages(cfg: TrainConfig, manifest) -> list[tuple[int, int, int]]:
             raise UserError(f"--resolution-schedule: the cache holds resolution(s) {', '.join(map(str, available))}, "
                             f"not {res}; encode with --resolution {','.join(map(str, sorted({*available, int(res)})))}")
         end = start + int(steps) if steps else cfg.max_steps
+        if end <= start:
+            raise UserError(f"--resolution-schedule {cfg.resolution_schedule}: the stages before {entry} already "
+                            f"take {start} of --max-steps {cfg.max_steps}, nothing is left for it")
         stages.append((int(res), start, end))
         start = end
     if start != cfg.max_steps or any(a >= b for _, a, b in stages):
@@ -221,8 +238,9 @@ def micro_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device
     for resolution, start, end in resolution_stages(cfg, reader.manifest):
         if end <= first_step:
             continue
+        # positions count on from the previous stage: its epoch order continues instead of starting over
         stream = CacheStream(reader if one else CacheReader(reader.path, resolution), cfg.seed,
-                             batch=cfg.batch_size * world_size, offset=start * cfg.grad_accum * cfg.batch_size * world_size)
+                             batch=cfg.batch_size * world_size)
         begin = max(start, first_step)
         positions = RankPositions(begin * cfg.grad_accum, end * cfg.grad_accum, cfg.batch_size, rank, world_size)
         loader = DataLoader(stream, batch_size=cfg.batch_size, sampler=positions,
@@ -659,6 +677,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     log = log if main else (lambda *a, **k: None)
     if cfg.vram_budget:
         cfg = fit_vram_budget(cfg, device, max(res for res, _, _ in schedule), log)
+    if reader.manifest.bucketed:
+        note_small_buckets(reader, cfg.batch_size * distributed.world_size(), log)
+    if cfg.compile != "none" and (reader.manifest.bucketed or len(schedule) > 1):
+        log(f"note: with --compile {cfg.compile}, every bucket / resolution shape compiles (and records CUDA graphs) "
+            "the first time it is seen: expect pauses, and more memory with regional-graphs")
     distributed.on_main(prepare_output, out, cfg)
     torch.manual_seed(cfg.seed)  # LoRA initialization
     model = setup_model(cfg, reader, device, log)

@@ -43,7 +43,7 @@ def mixed_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bucket_cache(tmp_path_factory, tiny_model, mixed_folder) -> Path:
     cache = tmp_path_factory.mktemp("bucketed") / "cache"
-    encode(encode_config(tiny_model, mixed_folder, cache, buckets=True, bucket_step=STEP), log=lambda *a: None)
+    encode(encode_config(tiny_model, mixed_folder, cache, buckets=True, bucket_step=STEP, shard_size=2), log=lambda *a: None)
     return cache
 
 
@@ -114,7 +114,7 @@ def test_encode_buckets_one_bucket_per_shard_with_matching_latents(bucket_cache,
 
 
 def test_bucketed_cache_is_resumable_and_rerun_is_up_to_date(bucket_cache, tiny_model, mixed_folder, tmp_path):
-    """Killed after its first flush, a bucketed encode resumes to the same shards as an uninterrupted one."""
+    """Killed after its second shard, a bucketed encode resumes to the same shards as an uninterrupted one."""
     import os
     import subprocess
     import sys
@@ -122,7 +122,7 @@ def test_bucketed_cache_is_resumable_and_rerun_is_up_to_date(bucket_cache, tiny_
     cache = tmp_path / "cache"
     args = [sys.executable, str(REPO / "pipeline.py"), "encode", "--model", str(tiny_model), "--dataset",
             str(mixed_folder), "--cache", str(cache), "--resolution", "64", "--buckets", "--bucket-step", str(STEP),
-            "--cache-dtype", "fp32", "--device", "cpu", "--num-workers", "0", "--batch-size", "4", "--shard-size", "4"]
+            "--cache-dtype", "fp32", "--device", "cpu", "--num-workers", "0", "--batch-size", "4", "--shard-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SDXL_LORA_KILL_AT": "shards:2"}
     killed = subprocess.run(args, env=env, capture_output=True, text=True)
     assert killed.returncode != 0 and not (cache / "manifest.json").exists()
@@ -204,7 +204,7 @@ def test_resolution_schedule_parsing(multires_cache):
     assert stages("64:4,128:6") == [(64, 0, 4), (128, 4, 10)]
     assert stages("128") == [(128, 0, 10)]
     for bad, message in [("64:4,128:4", "covers 8 optimizer steps"), ("96", "not 96"), ("64:x,128", "expected"),
-                         ("64:10,128", "covers"), ("64,128", "expected")]:
+                         ("64:10,128", "nothing is left for it"), ("64,128", "expected")]:
         with pytest.raises(UserError, match=message):
             stages(bad)
     with pytest.raises(UserError, match="choose with --resolution-schedule"):
@@ -232,3 +232,31 @@ def test_encode_cli_resolution_lists(tiny_model, image_folder, tmp_path, cli):
     bad = cli("encode", "--model", tiny_model, "--dataset", image_folder, "--cache", tmp_path / "c",
               "--resolution", "64", "--buckets", "--bucket-step", "48", check=False)
     assert bad.returncode != 0 and "--bucket-step 48" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shards_fill_per_group_and_square_caches_keep_the_old_shard_records(tiny_model, mixed_folder, fp32_cache,
+                                                                             tmp_path):
+    from cache.writer import CacheWriter
+    from cache.format import Manifest
+    m = Manifest(fingerprint="x", encoder={}, preprocessing={"resolution": 64, "buckets": {"step": 32}}, dtype="fp32",
+                 scaling_factor=1.0, shift_factor=None)
+    w = CacheWriter(tmp_path / "w", m, shard_size=3)
+    t = {"x": torch.zeros(2)}
+    for i in range(7):  # one big group and a small one: shards are cut when the big one holds 3
+        w.add_record([((64, 64, 64), t)] if i % 4 else [((64, 32, 96), t)], f"k{i}", "c", {})
+    w.finish()
+    assert [(s.num_samples, s.size) for s in m.shards] == [(1, [32, 96]), (3, [64, 64]), (1, [32, 96]), (2, [64, 64])]
+    assert sorted(s.key for s in m.samples) == [f"k{i}" for i in range(7)] and w.records_done == 7
+    plain = json.loads((fp32_cache / "manifest.json").read_text())["shards"]
+    assert all(s["resolution"] is None and s["size"] is None for s in plain)  # readable as before
+
+
+def test_a_stage_continues_the_epoch_order_of_the_previous_one(multires_cache):
+    reader = CacheReader(multires_cache)
+    cfg = TrainConfig(cache=str(multires_cache), resolution_schedule="64:3,128", max_steps=6, grad_accum=1, num_workers=0)
+    keys = [k for _, micro in micro_batches(reader, cfg, 0, torch.device("cpu")) for k in micro[0]["position"].tolist()]
+    assert keys == list(range(6))  # positions run on across the stage boundary
+    from stages.train import CacheStream
+    a, b = CacheStream(CacheReader(multires_cache, 64), 42), CacheStream(CacheReader(multires_cache, 128), 42)
+    visited = [a.index_at(p) for p in range(3)] + [b.index_at(p) for p in range(3, 6)]
+    assert sorted(visited) == list(range(6))  # stage 2 takes the rest of the epoch, not the same images again
