@@ -202,13 +202,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     from stages.encode import resolve_device
     device = resolve_device(cfg.device)
     if cfg.vram_budget:
-        if device.type != "cuda":
-            raise UserError("--vram-budget needs a CUDA GPU")
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = parse_size(cfg.vram_budget)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
-        log(f"GPU memory capped at {budget / 2**30:.2f} GiB of {total / 2**30:.1f} GiB")
+        from stages.plan import cap_gpu_memory  # (plan imports parse_size from here)
+        cap_gpu_memory(device, cfg.vram_budget, log)
     peak = matmul_peak_tflops(device)
     rows = []
     for baseline in ([True, False] if cfg.baseline else [False]):
