@@ -110,6 +110,14 @@ class Manifest:
         size = self.shards[shard].size
         return tuple(size) if size else (self.shard_resolution(shard),) * 2
 
+    def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
+        """Samples per (resolution, (height, width)), in that order."""
+        counts: dict = {}
+        for s in self.samples:
+            key = (self.shard_resolution(s.shard), self.shard_size(s.shard))
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["num_samples"] = self.num_samples

@@ -446,13 +446,10 @@ def describe(manifest: Manifest) -> str:
         f"fingerprint      {m.fingerprint}",
     ]
     if m.bucketed:
+        counts = m.bucket_counts()
         for r in m.resolutions:
-            counts: dict = {}
-            for s in m.samples:
-                if m.shard_resolution(s.shard) == r:
-                    size = m.shard_size(s.shard)
-                    counts[size] = counts.get(size, 0) + 1
-            lines.append(f"buckets at {r:<6d}" + ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items())))
+            lines.append(f"buckets at {r:<6d}" + ", ".join(f"{w}x{h}: {n}" for (res, (h, w)), n in counts.items()
+                                                           if res == r))
     for s in m.skipped[:20]:
         lines.append(f"skipped          {s['key']}: {s['reason']}")
     if len(m.skipped) > 20:

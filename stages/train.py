@@ -163,12 +163,8 @@ class CacheStream(Dataset):
 
 def note_small_buckets(reader: CacheReader, global_batch: int, log) -> None:
     """Say which buckets are smaller than a global micro-batch: their batches repeat samples every epoch."""
-    m = reader.manifest
-    counts: dict = {}
-    for s in m.samples:
-        key = (m.shard_resolution(s.shard), m.shard_size(s.shard))
-        counts[key] = counts.get(key, 0) + 1
-    small = sorted((n, r, hw) for (r, hw), n in counts.items() if n % global_batch and n < global_batch)
+    small = sorted((n, r, hw) for (r, hw), n in reader.manifest.bucket_counts().items()
+                   if n % global_batch and n < global_batch)
     if small:
         log(f"note: {len(small)} bucket(s) hold fewer samples than a global micro-batch of {global_batch} "
             f"(e.g. {small[0][2][1]}x{small[0][2][0]} at {small[0][1]}: {small[0][0]}); their batches repeat samples "
