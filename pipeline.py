@@ -10,6 +10,9 @@ import sys
 
 import click
 
+from stages.config import (CHECKS, BenchConfig, EncodeConfig, ExportConfig, SampleConfig, TrainConfig,
+                           flag_name)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -29,15 +32,32 @@ def _quiet_libraries() -> None:
 
 
 def from_config(cls, name: str, *flags: str, **kw):
-    """A click option for dataclass field `name`: default and help come from the field."""
+    """A click option for dataclass field `name`: default, help, choices and range check come from the field
+    (stages/config.py), so an option is described and validated in one place."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if not flags:
-        flags = ("--" + name.replace("_", "-"),)
+        flags = (flag_name(name),)
     if isinstance(default, bool) and "/" not in flags[0] and "is_flag" not in kw:
         kw["is_flag"] = True
+    if "choices" in f.metadata and "type" not in kw:
+        kw["type"] = click.Choice(f.metadata["choices"])
+    if "check" in f.metadata and "callback" not in kw:
+        kw["callback"] = range_check(f.metadata["check"])
+        if default is None and "type" not in kw:
+            kw["type"] = float if "float" in str(f.type) else int
     return click.option(*flags, name, default=default, show_default=default is not None,
                         help=f.metadata.get("help"), **kw)
+
+
+def range_check(check: str):
+    passes, message = CHECKS[check]
+
+    def callback(ctx, param, value):
+        if value is not None and not passes(value):
+            raise click.BadParameter(message)
+        return value
+    return callback
 
 
 OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
@@ -72,18 +92,6 @@ def run_stage(fn):
     return wrapper
 
 
-def positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be > 0")
-    return value
-
-
-def non_negative(ctx, param, value):
-    if value is not None and value < 0:
-        raise click.BadParameter("must be >= 0")
-    return value
-
-
 def resolutions(ctx, param, value):
     """'512' -> 512, '512,768,1024' -> (512, 768, 1024)."""
     try:
@@ -101,7 +109,6 @@ def cli():
 
 
 # ------------------------------------------------------------------------------------------ encode
-from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass only at module level)
 
 
 @cli.command()
@@ -117,15 +124,15 @@ from stages.encode import EncodeConfig  # noqa: E402  (light import: dataclass o
 @from_config(EncodeConfig, "cache")
 @from_config(EncodeConfig, "resolution", type=str, callback=resolutions)
 @from_config(EncodeConfig, "buckets")
-@from_config(EncodeConfig, "bucket_step", callback=positive)
-@from_config(EncodeConfig, "bucket_max_aspect", callback=positive)
+@from_config(EncodeConfig, "bucket_step")
+@from_config(EncodeConfig, "bucket_max_aspect")
 @from_config(EncodeConfig, "center_crop", "--center-crop/--random-crop")
 @from_config(EncodeConfig, "flip", "--flip/--no-flip")
-@from_config(EncodeConfig, "cache_dtype", type=click.Choice(["fp16", "bf16", "fp32"]))
-@from_config(EncodeConfig, "batch_size", callback=positive)
-@from_config(EncodeConfig, "shard_size", callback=positive)
-@from_config(EncodeConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
-@from_config(EncodeConfig, "num_workers", callback=non_negative)
+@from_config(EncodeConfig, "cache_dtype")
+@from_config(EncodeConfig, "batch_size")
+@from_config(EncodeConfig, "shard_size")
+@from_config(EncodeConfig, "device")
+@from_config(EncodeConfig, "num_workers")
 @from_config(EncodeConfig, "seed")
 @from_config(EncodeConfig, "overwrite")
 @from_config(EncodeConfig, "validation_prompt", multiple=True)
@@ -157,8 +164,6 @@ def info(cache, verify):
 
 
 # ------------------------------------------------------------------------------------------- train
-from stages.quantize import BASE_WEIGHTS  # noqa: E402
-from stages.train import TrainConfig  # noqa: E402
 
 
 @cli.command()
@@ -169,45 +174,46 @@ from stages.train import TrainConfig  # noqa: E402
 @from_config(TrainConfig, "variant")
 @from_config(TrainConfig, "model_config")
 @from_config(TrainConfig, "resolution_schedule")
-@from_config(TrainConfig, "rank", callback=positive)
-@from_config(TrainConfig, "alpha", callback=positive)
+@from_config(TrainConfig, "rank")
+@from_config(TrainConfig, "alpha")
 @from_config(TrainConfig, "target_modules")
-@from_config(TrainConfig, "lora_type", type=click.Choice(["lora", "dora", "loha", "lokr"]))
+@from_config(TrainConfig, "lora_type")
 @from_config(TrainConfig, "rank_pattern")
 @from_config(TrainConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
-@from_config(TrainConfig, "compile", type=click.Choice(["none", "regional", "regional-graphs"]))
+@from_config(TrainConfig, "cuda_graphs")
+@from_config(TrainConfig, "compile")
 @from_config(TrainConfig, "vram_budget")
-@from_config(TrainConfig, "batch_size", callback=positive)
-@from_config(TrainConfig, "grad_accum", callback=positive)
-@from_config(TrainConfig, "learning_rate", callback=positive)
+@from_config(TrainConfig, "batch_size")
+@from_config(TrainConfig, "grad_accum")
+@from_config(TrainConfig, "learning_rate")
 @from_config(TrainConfig, "scale_lr")
 @from_config(TrainConfig, "lr_scheduler")
-@from_config(TrainConfig, "warmup_steps", callback=non_negative)
-@from_config(TrainConfig, "max_steps", callback=positive)
-@from_config(TrainConfig, "max_grad_norm", callback=positive)
-@from_config(TrainConfig, "noise_offset", callback=non_negative)
-@from_config(TrainConfig, "min_snr_gamma", type=float, callback=positive)
-@from_config(TrainConfig, "timestep_sampling", type=click.Choice(["uniform", "stratified", "logit-normal"]))
-@from_config(TrainConfig, "prediction_type", type=click.Choice(["epsilon", "v_prediction"]))
+@from_config(TrainConfig, "warmup_steps")
+@from_config(TrainConfig, "max_steps")
+@from_config(TrainConfig, "max_grad_norm")
+@from_config(TrainConfig, "noise_offset")
+@from_config(TrainConfig, "min_snr_gamma", type=float)
+@from_config(TrainConfig, "timestep_sampling")
+@from_config(TrainConfig, "prediction_type")
 @from_config(TrainConfig, "rescale_betas_zero_snr")
-@from_config(TrainConfig, "caption_dropout", type=click.FloatRange(0, 1))
-@from_config(TrainConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
-@from_config(TrainConfig, "weight_decay", callback=non_negative)
-@from_config(TrainConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
-@from_config(TrainConfig, "base_weights", type=click.Choice(BASE_WEIGHTS))
-@from_config(TrainConfig, "attention", type=click.Choice(["auto", "sdpa", "xformers"]))
+@from_config(TrainConfig, "caption_dropout")
+@from_config(TrainConfig, "optimizer")
+@from_config(TrainConfig, "weight_decay")
+@from_config(TrainConfig, "mixed_precision")
+@from_config(TrainConfig, "base_weights")
+@from_config(TrainConfig, "attention")
 @from_config(TrainConfig, "seed")
-@from_config(TrainConfig, "checkpoint_every", callback=non_negative)
-@from_config(TrainConfig, "max_bad_steps", callback=positive)
-@from_config(TrainConfig, "validate_every", callback=non_negative)
-@from_config(TrainConfig, "validation_steps", callback=positive)
-@from_config(TrainConfig, "validation_guidance", callback=non_negative)
-@from_config(TrainConfig, "checkpoints_total_limit", type=int, callback=positive)
-@from_config(TrainConfig, "report_to", type=click.Choice(["none", "tensorboard"]))
+@from_config(TrainConfig, "checkpoint_every")
+@from_config(TrainConfig, "max_bad_steps")
+@from_config(TrainConfig, "validate_every")
+@from_config(TrainConfig, "validation_steps")
+@from_config(TrainConfig, "validation_guidance")
+@from_config(TrainConfig, "checkpoints_total_limit", type=int)
+@from_config(TrainConfig, "report_to")
 @from_config(TrainConfig, "resume")
 @from_config(TrainConfig, "verify_cache", "--verify-cache/--no-verify-cache")
-@from_config(TrainConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
-@from_config(TrainConfig, "num_workers", callback=non_negative)
+@from_config(TrainConfig, "device")
+@from_config(TrainConfig, "num_workers")
 @from_config(TrainConfig, "overwrite")
 @run_stage
 def train(**kwargs):
@@ -217,27 +223,27 @@ def train(**kwargs):
 
 
 # ------------------------------------------------------------------------------------------- bench
-from stages.bench import BenchConfig  # noqa: E402
 
 
 @cli.command()
 @from_config(BenchConfig, "model")
-@from_config(BenchConfig, "resolution", callback=positive)
-@from_config(BenchConfig, "batch_size", callback=positive)
-@from_config(BenchConfig, "grad_accum", callback=positive)
-@from_config(BenchConfig, "mixed_precision", type=click.Choice(["auto", "no", "fp16", "bf16"]))
-@from_config(BenchConfig, "base_weights", type=click.Choice(BASE_WEIGHTS))
+@from_config(BenchConfig, "resolution")
+@from_config(BenchConfig, "batch_size")
+@from_config(BenchConfig, "grad_accum")
+@from_config(BenchConfig, "mixed_precision")
+@from_config(BenchConfig, "base_weights")
 @from_config(BenchConfig, "gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
-@from_config(BenchConfig, "optimizer", type=click.Choice(["adamw8bit", "adamw"]))
-@from_config(BenchConfig, "rank", callback=positive)
-@from_config(BenchConfig, "alpha", callback=positive)
+@from_config(BenchConfig, "cuda_graphs")
+@from_config(BenchConfig, "optimizer")
+@from_config(BenchConfig, "rank")
+@from_config(BenchConfig, "alpha")
 @from_config(BenchConfig, "target_modules")
-@from_config(BenchConfig, "compile", type=click.Choice(["none", "regional", "regional-graphs"]))
-@from_config(BenchConfig, "steps", callback=positive)
-@from_config(BenchConfig, "warmup", callback=non_negative)
+@from_config(BenchConfig, "compile")
+@from_config(BenchConfig, "steps")
+@from_config(BenchConfig, "warmup")
 @from_config(BenchConfig, "baseline")
 @from_config(BenchConfig, "vram_budget")
-@from_config(BenchConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(BenchConfig, "device")
 @from_config(BenchConfig, "seed")
 @run_stage
 def bench(**kwargs):
@@ -247,7 +253,6 @@ def bench(**kwargs):
 
 
 # -------------------------------------------------------------------------------- sample and demo
-from stages.sample import SampleConfig  # noqa: E402
 
 
 @cli.command()
@@ -256,14 +261,14 @@ from stages.sample import SampleConfig  # noqa: E402
 @from_config(SampleConfig, "prompt", multiple=True)
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="A file with one prompt per line.")
 @from_config(SampleConfig, "negative_prompt")
-@from_config(SampleConfig, "steps", callback=positive)
-@from_config(SampleConfig, "guidance", callback=non_negative)
+@from_config(SampleConfig, "steps")
+@from_config(SampleConfig, "guidance")
 @from_config(SampleConfig, "seed")
-@from_config(SampleConfig, "resolution", callback=positive)
+@from_config(SampleConfig, "resolution")
 @from_config(SampleConfig, "lora_scale")
 @from_config(SampleConfig, "compare")
 @from_config(SampleConfig, "out")
-@from_config(SampleConfig, "device", type=click.Choice(["auto", "cpu", "cuda"]))
+@from_config(SampleConfig, "device")
 @from_config(SampleConfig, "overwrite")
 @run_stage
 def sample(prompts_file, **kwargs):
@@ -280,7 +285,7 @@ def sample(prompts_file, **kwargs):
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo's model, images, cache, LoRA and samples (default: a new temporary folder).")
-@click.option("--steps", default=30, show_default=True, callback=positive, help="Training steps.")
+@click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
 @run_stage
 def demo(workdir, steps):
     """End to end on CPU in about a minute: tiny model, generated images, encode, train, before/after."""
@@ -291,12 +296,11 @@ def demo(workdir, steps):
 
 
 # ------------------------------------------------------------------------------------------ export
-from stages.export import ExportConfig  # noqa: E402
 
 
 @cli.command()
 @from_config(ExportConfig, "lora", required=True)
-@from_config(ExportConfig, "format", type=click.Choice(["kohya", "diffusers"]))
+@from_config(ExportConfig, "format")
 @from_config(ExportConfig, "out", required=True)
 @from_config(ExportConfig, "overwrite")
 @run_stage

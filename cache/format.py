@@ -31,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cache.files import write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -158,31 +159,3 @@ def fingerprint(encoder_weights: dict, preprocessing: dict, dtype: str) -> str:
     payload = json.dumps({"format_version": FORMAT_VERSION, "encoder_weights": encoder_weights,
                           "preprocessing": preprocessing, "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON under a temporary name, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

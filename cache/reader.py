@@ -1,13 +1,13 @@
 """CacheReader: random access to one sample through safetensors' mmap (host memory stays flat as
-the dataset grows), and the deterministic epoch order that training and resume share."""
+the dataset grows). The order in which training visits samples is cache/sampler.py's."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
-from cache.format import CacheError, Manifest, sha256_file
+from cache.files import sha256_file
+from cache.format import CacheError, Manifest
 
 
 class CacheReader:
@@ -115,25 +115,3 @@ class CacheReader:
                 problems.append(f"{shard.file}: sha256 mismatch (corrupt)")
         return problems
 
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a permutation that is a pure function of (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=g)
-
-
-def bucket_epoch_batches(buckets: list[list[int]], batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch of a bucketed cache, a pure function of (seed, epoch).
-
-    Each bucket's samples are shuffled and cut into batches of `batch`; a bucket's last batch is filled up
-    with the first samples of its own shuffled order, so every batch has one shape and every sample is seen
-    at least once (exactly once when `batch` divides the bucket; always with batch 1). The batches of all
-    buckets are then shuffled together: a bucket is visited in proportion to its size, spread over the epoch."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    batches = []
-    for members in buckets:
-        order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
-        short = -len(order) % batch
-        order += (order * (short // len(order) + 1))[:short]
-        batches += [order[i:i + batch] for i in range(0, len(order), batch)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]

@@ -3,15 +3,15 @@ fsynced and renamed; a progress journal after each shard makes an interrupted en
 the manifest is written last."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from cache.files import TMP_SUFFIX, atomic_path, sha256_file, write_json_atomic
 from cache.format import (MANIFEST_NAME, PROGRESS_NAME, RANK_PROGRESS_PATTERN, RANK_SHARD_PATTERN, SHARD_PATTERN,
-                          CacheError, Manifest, SampleInfo, ShardInfo, fsync_dir, sha256_file, write_json_atomic)
+                          CacheError, Manifest, SampleInfo, ShardInfo)
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP32_TENSORS = ("time_ids", "time_ids_flipped")  # integers up to 4k+: exact only in fp32
@@ -120,12 +120,8 @@ class CacheWriter:
         stacked = {k: torch.stack([t[k] for t, *_ in buffer]).to(torch.float32 if k in FP32_TENSORS else dtype).contiguous()
                    for k in buffer[0][0]}
         path = self.folder / name
-        tmp = self.folder / f".{name}.tmp"
-        save_file(stacked, str(tmp), metadata={"format": "sdxl-lora-cache"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.folder)
+        with atomic_path(path) as tmp:
+            save_file(stacked, str(tmp), metadata={"format": "sdxl-lora-cache"})
         resolution, size = (None, None) if group is None else (group[0], list(group[1:]))
         self.manifest.shards.append(ShardInfo(name, len(buffer), path.stat().st_size, sha256_file(path),
                                               resolution, size))
@@ -154,21 +150,17 @@ def remove_cache_files(folder: Path) -> None:
         p.unlink()
     for p in folder.glob("shard-*.safetensors"):
         p.unlink()
-    for p in folder.glob(".shard-*.safetensors.tmp"):
+    for p in folder.glob(f".shard-*{TMP_SUFFIX}"):
         p.unlink()
 
 
 def _write_embeddings(folder: Path, name: str, manifest: Manifest, prompt_embeds: torch.Tensor,
                       pooled_prompt_embeds: torch.Tensor) -> None:
-    """Write an (embeds, pooled) pair in the cache's dtype as `name`: temp name, fsync, rename."""
-    tmp = folder / f".{name}.tmp"
+    """Write an (embeds, pooled) pair in the cache's dtype as `name`, atomically."""
     dtype = TORCH_DTYPES[manifest.dtype]
-    save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
-               "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
-    fsync_dir(folder)
+    with atomic_path(folder / name) as tmp:
+        save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
+                   "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
 
 
 def write_validation(folder: Path, manifest: Manifest, prompts: list[str], prompt_embeds: torch.Tensor,

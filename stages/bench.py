@@ -1,31 +1,48 @@
-"""Benchmark helpers: a synthetic cache shaped like SDXL's, for measuring `train` without a dataset."""
+"""`bench`: measure a training configuration through train's own setup and step (peak memory, images/s,
+time to the first step, MFU), optionally beside the all-FP32 encode-every-step baseline; and a synthetic
+cache shaped like SDXL's, for measuring `train` without a dataset."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from cache import CacheReader
 from cache.format import Manifest, fingerprint
-from cache.writer import CacheWriter
-from stages.sdxl import RANDOM_SDXL
+from cache.writer import CacheWriter, write_validation
+from stages.config import RANDOM_SDXL, BenchConfig, TrainConfig
+from stages.device import apply_compile, cap_gpu_memory, resolve_device, synchronize
+from stages.errors import UserError
+from stages.sdxl import ModelSource, load_encoders, random_encoders, unet_config
 
 
 def write_synthetic_cache(folder: str | Path, num_samples: int = 64, resolution: int = 512, dtype: str = "fp16",
                           seed: int = 0, text_width: int = 2048, pooled_width: int = 1280,
-                          model: str = RANDOM_SDXL, validation_prompts: int = 0) -> Manifest:
+                          model: str = RANDOM_SDXL, validation_prompts: int = 0,
+                          sizes: list[tuple[int, int]] | None = None) -> Manifest:
     """A cache of random tensors with SDXL's shapes (flips included), recorded as made for `model`;
-    optionally with random embeddings for `validation_prompts` prompts."""
+    optionally with random embeddings for `validation_prompts` prompts. `sizes`: (height, width) buckets in
+    pixels, sample i in sizes[i % len(sizes)] (a bucketed cache); default one square `resolution`."""
     g = torch.Generator().manual_seed(seed)
-    latent = (4, resolution // 8, resolution // 8)
     preprocessing = {"resolution": resolution, "center_crop": True, "flip": True, "synthetic": True}
+    if sizes:
+        preprocessing["buckets"] = {"step": 8, "max_aspect": 4.0}
     manifest = Manifest(fingerprint=fingerprint({"synthetic": seed}, preprocessing, dtype),
                         encoder={"model": model, "revision": None, "variant": None, "model_config": None,
                                  "weights": {"synthetic": str(seed)}},
                         preprocessing=preprocessing, dtype=dtype, scaling_factor=0.13025, shift_factor=None,
                         dataset={"name": "synthetic", "split": "train", "num_records": num_samples})
     writer = CacheWriter(Path(folder), manifest, shard_size=256)
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
     for i in range(num_samples):
+        h, w = sizes[i % len(sizes)] if sizes else (resolution, resolution)
+        latent = (4, h // 8, w // 8)
+        ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
         writer.add({
             "latent_mean": torch.randn(latent, generator=g) * 5, "latent_std": torch.rand(latent, generator=g) * 0.1,
             "latent_mean_flipped": torch.randn(latent, generator=g) * 5,
@@ -33,10 +50,10 @@ def write_synthetic_cache(folder: str | Path, num_samples: int = 64, resolution:
             "prompt_embeds": torch.randn(77, text_width, generator=g),
             "pooled_prompt_embeds": torch.randn(pooled_width, generator=g),
             "time_ids": ids, "time_ids_flipped": ids,
-        }, key=f"{i:08d}", caption=f"synthetic sample {i}", source={"synthetic": i})
+        }, key=f"{i:08d}", caption=f"synthetic sample {i}", source={"synthetic": i},
+            group=(resolution, h, w) if sizes else None)
     manifest = writer.finish()
     if validation_prompts:
-        from cache.writer import write_validation
         write_validation(Path(folder), manifest, [f"synthetic prompt {i}" for i in range(validation_prompts)],
                          torch.randn(validation_prompts, 77, text_width, generator=g),
                          torch.randn(validation_prompts, pooled_width, generator=g))
@@ -44,47 +61,6 @@ def write_synthetic_cache(folder: str | Path, num_samples: int = 64, resolution:
 
 
 # ------------------------------------------------------------------------------------------ bench
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import dataclasses  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-
-from stages.errors import UserError  # noqa: E402
-
-
-@dataclass
-class BenchConfig:
-    model: str = field(default=RANDOM_SDXL, metadata={"help": "random:sdxl = full-size SDXL UNet with random weights, built on the GPU (no download); or a hub id / folder."})
-    resolution: int = field(default=512, metadata={"help": "Image side in pixels (latents are 1/8)."})
-    batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch."})
-    grad_accum: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
-    mixed_precision: str = field(default="auto", metadata={"help": "As in train."})
-    base_weights: str = field(default="auto", metadata={"help": "As in train."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "As in train."})
-    optimizer: str = field(default="adamw8bit", metadata={"help": "As in train."})
-    rank: int = field(default=16, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
-    target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "As in train."})
-    compile: str = field(default="none", metadata={"help": "As in train: none, regional, regional-graphs."})
-    steps: int = field(default=10, metadata={"help": "Timed optimizer steps."})
-    warmup: int = field(default=2, metadata={"help": "Untimed optimizer steps first (compilation, allocator warm-up)."})
-    baseline: bool = field(default=False, metadata={"help": "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio."})
-    vram_budget: str | None = field(default=None, metadata={"help": "Cap this process's GPU memory, e.g. 16GiB, to prove a fit on a smaller card."})
-    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
-    seed: int = field(default=42, metadata={"help": "Seed."})
-
-
-def parse_size(text: str) -> int:
-    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
-    t = text.strip().lower()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    raise UserError(f"--vram-budget {text}: give a size such as 16GiB or 12000MB")
-
-
 def unet_forward_flops(unet, batch: dict) -> int:
     """FLOPs of one UNet forward on `batch`, counted by torch's FLOP counter (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -112,27 +88,23 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> 
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict:
     """Time `steps` optimizer steps through train's own setup_model / micro_batches / training_step."""
-    from cache import CacheReader
     from stages.encode import encode_latents, encode_token_ids
-    from stages.sdxl import ModelSource, load_encoders, random_encoders, unet_config
-    from stages.train import TrainConfig, apply_compile, micro_batches, setup_model, training_step
+    from stages.train import setup_model, train_batches, training_step
 
     total = cfg.warmup + cfg.steps
+    profiled = PROFILED_STEPS if device.type == "cuda" else 0  # after the timed steps: where the time goes
     tcfg = TrainConfig(model=cfg.model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
-                       grad_accum=cfg.grad_accum, max_steps=total, warmup_steps=0, optimizer=cfg.optimizer,
+                       grad_accum=cfg.grad_accum, max_steps=total + profiled, warmup_steps=0, optimizer=cfg.optimizer,
                        mixed_precision=cfg.mixed_precision, seed=cfg.seed, base_weights=cfg.base_weights,
-                       device=str(device), num_workers=0, checkpoint_every=0)
+                       device=device.type, num_workers=0, checkpoint_every=0,
+                       cuda_graphs="off" if cfg.compile == "regional-graphs" else cfg.cuda_graphs)
     if baseline:  # the reference recipe at the same effective batch: FP32, checkpointing, micro-batch 1, 8-bit AdamW
         tcfg = dataclasses.replace(tcfg, mixed_precision="no", base_weights="auto", gradient_checkpointing=True,
-                                   batch_size=1, grad_accum=cfg.batch_size * cfg.grad_accum, optimizer="adamw8bit")
+                                   batch_size=1, grad_accum=cfg.batch_size * cfg.grad_accum, optimizer="adamw8bit",
+                                   cuda_graphs="off")
     uc = unet_config(ModelSource(cfg.model))
     pooled = uc["projection_class_embeddings_input_dim"] - 6 * uc["addition_time_embed_dim"]
     started = time.perf_counter()
@@ -151,11 +123,16 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                 k: v.to(device) for k, v in load_encoders(source).items() if not k.startswith("tokenizer")}
         flops = None
         times, first_step = [], None
-        for step, micro in micro_batches(reader, tcfg, 0, device):
+        for step, micro in train_batches(reader, tcfg, 0, device):
+            if step == total:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                              torch.profiler.ProfilerActivity.CUDA])
+                profiler.__enter__()
+                profile_started = time.perf_counter()
             if flops is None:  # counted eagerly, before compiling: a counting pass would make compiled blocks recompile
                 flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
                 apply_compile(model.unet, "none" if baseline else cfg.compile, device)
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             if encoders:  # the reference recipe: every micro-batch through the FP32 VAE and text encoders
                 for batch in micro:
@@ -169,11 +146,16 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                     batch["prompt_embeds"], batch["pooled_prompt_embeds"] = encode_token_ids(
                         (encoders["text_encoder"], encoders["text_encoder_2"]), [ids, ids])
             result = training_step(model, micro, step, tcfg)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
             if first_step is None:
                 first_step = time.perf_counter() - started
-        timed = times[cfg.warmup:]
+        if profiled:
+            synchronize(device)
+            wall = time.perf_counter() - profile_started
+            profiler.__exit__(None, None, None)
+            profile = time_split(profiler.events(), wall, profiled)
+        timed = times[cfg.warmup:total]
         images = cfg.batch_size * cfg.grad_accum
         row = {
             "recipe": "baseline: all FP32, encode every step" if baseline else "cached inputs, UNet only",
@@ -187,22 +169,38 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             "time_to_first_step_s": round(first_step, 1),
             "unet_forward_tflop_per_image": round(flops / 1e12, 4),
             "last_loss": round(result["loss"], 5),
+            "cuda_graphs": model.resolved["cuda_graphs"] and not (model.graphs and model.graphs.failed),
         }
         if device.type == "cuda":
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+        if profiled:
+            row.update(profile)
         del model, encoders, reader
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
+PROFILED_STEPS = 2
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def time_split(events, wall_s: float, steps: int) -> dict:
+    """Per optimizer step, from a torch.profiler trace: wall time, the host's own time (wall less its waits for
+    the GPU in synchronizations and copies back), and GPU busy time (the sum of kernel durations). Host time near
+    the wall time with GPU busy far below it: launch-bound; GPU busy near the wall time: GPU-bound."""
+    kernels = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    waits = sum(e.time_range.elapsed_us() for e in events
+                if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS)
+    return {"profile_step_ms": round(wall_s * 1e3 / steps, 1), "host_ms_per_step": round((wall_s * 1e6 - waits) / 1e3 / steps, 1),
+            "gpu_busy_ms_per_step": round(kernels / 1e3 / steps, 1)}
+
+
 def bench(cfg: BenchConfig, log=print) -> list[dict]:
     """Run the configuration (and the baseline); print a table and one JSON line per run."""
-    from stages.encode import resolve_device
     device = resolve_device(cfg.device)
     if cfg.vram_budget:
-        from stages.plan import cap_gpu_memory  # (plan imports parse_size from here)
         cap_gpu_memory(device, cfg.vram_budget, log)
     peak = matmul_peak_tflops(device)
     rows = []
@@ -221,8 +219,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         row["torch"] = torch.__version__
         rows.append(row)
     keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "base_weights", "base_gib",
-            "checkpointing", "compile", "optimizer", "peak_allocated_gib", "peak_reserved_gib", "images_per_s",
-            "time_to_first_step_s", "mfu"]
+            "checkpointing", "cuda_graphs", "compile", "optimizer", "peak_allocated_gib", "peak_reserved_gib",
+            "images_per_s", "time_to_first_step_s", "mfu", "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step"]
     for k in keys:
         log(f"{k:22s}" + "".join(f"{str(r.get(k, '-')):>40s}" for r in rows))
     if len(rows) == 2:

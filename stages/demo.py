@@ -52,10 +52,11 @@ DEMO_PROMPTS = ("a red circle on a blue background", "a green square on a yellow
 
 def run_demo(workdir: str | Path, steps: int = 30, log=print) -> dict:
     """Tiny model + generated images -> encode -> train -> before/after images, all on CPU."""
-    from stages.encode import EncodeConfig, encode
-    from stages.sample import SampleConfig, sample
+    from stages.config import EncodeConfig, SampleConfig, TrainConfig
+    from stages.encode import encode
+    from stages.sample import sample
     from stages.sdxl import build_tiny_sdxl
-    from stages.train import TrainConfig, train
+    from stages.train import train
 
     workdir = Path(workdir)
     paths = {"model": workdir / "tiny-sdxl", "images": workdir / "images", "cache": workdir / "cache",

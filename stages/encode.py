@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,68 +19,12 @@ from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, Cach
 from cache.writer import (CacheWriter, merge_parts, remove_cache_files, unfinished_encode, write_empty_prompt,
                           write_validation)
 from stages import distributed
+from stages.config import EncodeConfig
 from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, nearest_bucket,
                          open_source, preprocess)
+from stages.device import resolve_device
 from stages.errors import UserError, kill_point
-from stages.sdxl import DEFAULT_MODEL, ModelSource, load_encoders
-
-DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
-
-
-@dataclass
-class EncodeConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id, local diffusers folder, or single-file .safetensors checkpoint."})
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of --model."})
-    variant: str | None = field(default=None, metadata={"help": "Weight variant of --model, e.g. fp16."})
-    model_config: str | None = field(default=None, metadata={"help": "Single-file checkpoints only: diffusers folder or hub id with the matching configs (default: inferred by diffusers)."})
-    vae: str | None = field(default=None, metadata={"help": "Override the VAE: hub id, folder or single file (e.g. an fp16-fix VAE)."})
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub dataset id, imagefolder (metadata.jsonl/csv), save_to_disk folder, or folder of images with .txt captions."})
-    split: str = field(default="train", metadata={"help": "Dataset split."})
-    image_column: str = field(default="image", metadata={"help": "Image column of a hub or save_to_disk dataset."})
-    caption_column: str = field(default="text", metadata={"help": "Caption column of a hub, imagefolder (metadata.jsonl/csv) or save_to_disk dataset."})
-    cache: str = field(default="./cache", metadata={"help": "Cache folder to write."})
-    resolution: int | tuple[int, ...] = field(default=512, metadata={"help": "Shorter side is resized to this, then a square crop of this size; several (512,768,1024) store each image once per resolution for `train --resolution-schedule`."})
-    buckets: bool = field(default=False, metadata={"help": "Aspect-ratio buckets: each image is resized and cropped to the bucket (area <= resolution², sides multiples of --bucket-step) nearest its aspect ratio, instead of a square."})
-    bucket_step: int = field(default=64, metadata={"help": "With --buckets: bucket sides are multiples of this many pixels."})
-    bucket_max_aspect: float = field(default=4.0, metadata={"help": "With --buckets: the most elongated bucket's long/short side ratio."})
-    center_crop: bool = field(default=True, metadata={"help": "Center crop (default) or one random crop per image, recorded in time_ids."})
-    flip: bool = field(default=True, metadata={"help": "Also encode the mirrored image so training can flip per step (p=0.5)."})
-    cache_dtype: str = field(default="fp16", metadata={"help": "Storage dtype of latents and embeddings."})
-    batch_size: int = field(default=8, metadata={"help": "Images per VAE / text-encoder batch."})
-    shard_size: int = field(default=256, metadata={"help": "Samples per shard file (at most; with --buckets or several resolutions, shards of small buckets hold fewer)."})
-    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
-    num_workers: int = field(default=2, metadata={"help": "Processes decoding and preprocessing images."})
-    seed: int = field(default=42, metadata={"help": "Seed of --random-crop (crops are a function of seed and key)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache made with other settings."})
-    validation_prompt: tuple[str, ...] = field(default=(), metadata={"help": "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders."})
-    dry_run: bool = field(default=False, metadata={"help": "Only report what is stale in an existing cache and why; write nothing."})
-
-
-def resolutions_of(cfg: EncodeConfig) -> list[int]:
-    """--resolution as a sorted list: 512 -> [512]; "512,768,1024" or (512, 768, 1024) -> [512, 768, 1024]."""
-    value = cfg.resolution
-    if isinstance(value, str):
-        try:
-            value = [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--resolution {cfg.resolution}: expected a number or a list such as 512,768,1024") from None
-    values = sorted(set([value] if isinstance(value, int) else value))
-    if not values or min(values) < 8 or any(v % 8 for v in values):
-        raise UserError(f"--resolution {cfg.resolution}: every resolution must be a positive multiple of 8")
-    if cfg.buckets and (cfg.bucket_step < 8 or cfg.bucket_step % 8 or any(v % cfg.bucket_step for v in values)):
-        raise UserError(f"--bucket-step {cfg.bucket_step}: must be a multiple of 8 that divides every --resolution")
-    if cfg.buckets and cfg.bucket_max_aspect < 1:
-        raise UserError(f"--bucket-max-aspect {cfg.bucket_max_aspect}: must be at least 1")
-    return values
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(device)
-
+from stages.sdxl import ModelSource, load_encoders
 
 def weights_hash(module: torch.nn.Module) -> str:
     """sha256 of a module's config and every weight's bytes: identifies the encoder exactly."""
@@ -138,7 +82,7 @@ class PreprocessDataset(Dataset):
 
     def __init__(self, source: Source, records: list, cfg: EncodeConfig):
         self.source, self.records, self.cfg = source, records, cfg
-        self.resolutions = resolutions_of(cfg)
+        self.resolutions = cfg.resolutions
         self.buckets = {r: bucket_sizes(r, cfg.bucket_step, cfg.bucket_max_aspect) for r in self.resolutions} \
             if cfg.buckets else None
 
@@ -280,7 +224,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
     vae, tokenizers = parts["vae"], (parts["tokenizer"], parts["tokenizer_2"])
     text_encoders = (parts["text_encoder"], parts["text_encoder_2"])
     weights = {name: weights_hash(parts[name]) for name in ("vae", "text_encoder", "text_encoder_2")}
-    resolutions = resolutions_of(cfg)
+    resolutions = cfg.resolutions
     preprocessing = {"resolution": resolutions[0] if len(resolutions) == 1 else resolutions,
                      "center_crop": cfg.center_crop, "flip": cfg.flip}
     if cfg.buckets:  # recorded only when on, so that caches made before buckets existed keep their fingerprint

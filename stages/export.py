@@ -25,33 +25,24 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from cache.files import atomic_path
+from stages.config import EXPORT_FORMATS as FORMATS
+from stages.config import ExportConfig
 from stages.errors import UserError
-from stages.lora import LORA_WEIGHTS_NAME
+from stages.lora import LORA_WEIGHTS_NAME, write_lora_file
 
-FORMATS = ("kohya", "diffusers")
 # SDXL's UNet (and the tiny test model): 2 resnets per down block, 3 per up block. The LDM block
 # indices depend on it; diffusers' loader assumes the same when it maps them back.
 LAYERS_PER_BLOCK = 2
 # kohya sd-scripts' metadata keys; A1111 lists a LoRA under SDXL only when ss_base_model_version
 # starts with "sdxl_" (extensions-builtin/Lora/network.py: NetworkOnDisk.detect_version).
 KOHYA_METADATA = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
-
-
-@dataclass
-class ExportConfig:
-    lora: str | None = field(default=None, metadata={"help": "kohya: folder holding pytorch_lora_weights.safetensors (or that file); diffusers: the kohya .safetensors file."})
-    format: str = field(default="kohya", metadata={"help": "kohya = one file for A1111 / ComfyUI / Forge / kohya; diffusers = import a kohya file into a LoRA folder."})
-    out: str | None = field(default=None, metadata={"help": "kohya: the .safetensors file to write; diffusers: the folder to write pytorch_lora_weights.safetensors into."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
 
 
 # ------------------------------------------------------------------------------------ pure conversions
@@ -285,11 +276,6 @@ def read_kohya_lora(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def refuse_existing(target: Path, overwrite: bool) -> None:
     if target.is_dir():
         raise UserError(f"{target} is a folder, not a file")
@@ -298,33 +284,10 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
 
 
 def write_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    """Write atomically: a temporary name beside `out`, fsync, then os.replace."""
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_diffusers(state: dict[str, torch.Tensor], config: dict, folder: Path) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` through diffusers' `save_lora_weights`, atomically."""
-    from diffusers import StableDiffusionXLPipeline
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=config,
-                                                    safe_serialization=True)
-        _fsync(tmp / LORA_WEIGHTS_NAME)
-        os.replace(tmp / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder / LORA_WEIGHTS_NAME
 
 
 # -------------------------------------------------------------------------------------------- stage
@@ -378,6 +341,6 @@ def export(cfg: ExportConfig, log=print) -> Path:
         raise UserError(f"--out {out} must be a folder for --format diffusers")
     refuse_existing(out / LORA_WEIGHTS_NAME, cfg.overwrite)
     peft, ranks, alphas = kohya_to_peft(read_kohya_lora(source))
-    written = write_diffusers(peft, adapter_config(ranks, alphas), out)  # peft keys, as stages.lora.save_lora
+    written = write_lora_file(out, peft, adapter_config(ranks, alphas))  # peft keys, as stages.lora.save_lora
     log(f"wrote diffusers LoRA ({_describe(ranks, alphas)}) to {written}")
     return written

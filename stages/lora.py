@@ -12,47 +12,14 @@ README's snippet) loads them through peft.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from cache.files import atomic_path
+from stages.config import LORA_TYPES
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
-
-LORA_TYPES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # --lora-type: display name
-_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-_FF = ["ff.net.0.proj", "ff.net.2"]
-# `--target-modules` presets: module names that peft matches at the end of a module path. In SDXL's UNet
-# (use_linear_projection) transformer blocks hold to_q/k/v/out.0 (attn1, attn2), ff.net.0.proj / ff.net.2 and
-# proj_in / proj_out; resnet blocks hold time_emb_proj (Linear) and conv1 / conv2 / conv_shortcut (Conv2d).
-TARGET_PRESETS = {
-    "attn": _ATTN,  # the reference: attention projections
-    "attn-ff": _ATTN + _FF,
-    "all-linear": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj"],  # every Linear of those blocks
-    "all": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj", "conv1", "conv2", "conv_shortcut"],  # + Conv2d
-}
-
-
-def resolve_target_modules(spec: str) -> list[str]:
-    """`--target-modules`: a preset name (TARGET_PRESETS) or a comma-separated list of module names."""
-    if spec.strip() in TARGET_PRESETS:
-        return list(TARGET_PRESETS[spec.strip()])
-    return [m.strip() for m in spec.split(",") if m.strip()]
-
-
-def parse_rank_pattern(spec: str | None) -> dict[str, int]:
-    """`--rank-pattern "to_k=8,mid_block.*=32"` -> peft's rank_pattern {"to_k": 8, "mid_block.*": 32}."""
-    pattern = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, _, rank = item.partition("=")
-        if not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
-            raise ValueError(f"--rank-pattern {item.strip()!r}: expected name=rank with a rank >= 1, e.g. to_k=8")
-        pattern[name.strip()] = int(rank)
-    return pattern
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str], lora_type: str = "lora",
@@ -116,21 +83,22 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet, folder: str | Path) -> Path:
-    """Write pytorch_lora_weights.safetensors (with alpha metadata) into `folder`, atomically."""
+def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` (peft keys, adapter metadata) through diffusers'
+    `save_lora_weights`, atomically: what `load_lora_weights(folder)` reads with the right alpha."""
     from diffusers import StableDiffusionXLPipeline
     folder = Path(folder)
-    tmp = folder / ".tmp-lora"  # inside the output folder: nothing is written outside it
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    StableDiffusionXLPipeline.save_lora_weights(
-        tmp, unet_lora_layers={k: v.detach().float().cpu() for k, v in lora_state_dict(unet).items()},
-        unet_lora_adapter_metadata=adapter_metadata(unet.peft_config["default"]), safe_serialization=True)
-    with open(tmp / LORA_WEIGHTS_NAME, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp / LORA_WEIGHTS_NAME, folder / LORA_WEIGHTS_NAME)
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / LORA_WEIGHTS_NAME) as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=tmp.name,
+                                                    unet_lora_adapter_metadata=metadata, safe_serialization=True)
     return folder / LORA_WEIGHTS_NAME
+
+
+def save_lora(unet, folder: str | Path) -> Path:
+    """Write the UNet's adapter as pytorch_lora_weights.safetensors (with alpha metadata) into `folder`."""
+    return write_lora_file(folder, {k: v.detach().float().cpu() for k, v in lora_state_dict(unet).items()},
+                           adapter_metadata(unet.peft_config["default"]))
 
 
 def load_lora_weights_into(unet, folder: str | Path) -> None:

@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.bench import parse_size
 from stages.errors import UserError
 
 GIB = 2**30
@@ -237,14 +236,22 @@ def apply_plan(cfg, plan: Plan):
     return dataclasses.replace(cfg, **{k: v for k, v in choice.items() if k in names})
 
 
-def cap_gpu_memory(device, budget: str, log) -> int:
-    """Cap this process's CUDA allocator at `budget` (e.g. "12GiB"); returns it in bytes."""
+def fit_vram_budget(cfg, device, resolution: int, log):
+    """--vram-budget: cap this process's GPU memory at cfg.vram_budget and return a copy of the TrainConfig
+    `cfg` with the fastest configuration that fits (the reason printed)."""
     import torch
-    if device.type != "cuda":
-        raise UserError("--vram-budget needs a CUDA GPU")
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget_bytes = parse_size(budget)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
-    log(f"GPU memory capped at {budget_bytes / GIB:.2f} GiB of {total / GIB:.1f} GiB")
-    return budget_bytes
+
+    from stages.device import cap_gpu_memory, resolve_precision
+    budget = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
+    dtype = resolve_precision(cfg.mixed_precision, device)
+    if dtype is None:
+        raise UserError("--vram-budget plans bf16/fp16 training: use --mixed-precision auto, bf16 or fp16")
+    try:
+        import bitsandbytes  # noqa: F401
+        bnb = True
+    except Exception:
+        bnb = False
+    allowed = choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb)
+    chosen = plan(budget, resolution, cfg.batch_size * cfg.grad_accum, allowed=allowed, max_steps=cfg.max_steps)
+    log(chosen.reason)
+    return apply_plan(cfg, chosen)

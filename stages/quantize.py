@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stages.config import BASE_WEIGHTS
 from stages.errors import UserError
 
-BASE_WEIGHTS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
-QUANTIZED = ("fp8", "int8", "nf4")  # modes that replace the Linear layers: load the UNet on the CPU for these
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _BNB_LAYERS = {"int8": "bitsandbytes 8-bit (LLM.int8) layers", "nf4": "bitsandbytes 4-bit NF4 layers"}

@@ -1,30 +1,39 @@
-"""The training recipes beyond the reference: offset noise, min-SNR weighting, timestep sampling,
-v-prediction / zero-terminal-SNR and caption dropout. Pure math in small functions; `Recipe` applies
-them inside stages/train.py's compute_loss. Every draw is a pure function of (seed, step, position), so
-resume stays exact, and under torchrun draws are made for the global micro-batch and then sliced."""
+"""The diffusion-training math: each micro-batch's random draws, and the recipes beyond the reference
+(offset noise, min-SNR weighting, timestep sampling, v-prediction / zero-terminal-SNR, caption dropout).
+Pure functions; `Recipe` applies them inside stages/train.py's compute_loss. Every draw is a pure function
+of (seed, micro-batch / step / position) through cache/sampler.py's `generator`, so resume stays exact, and
+under torchrun draws are made for the global micro-batch and then sliced."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from cache.sampler import generator as stream_generator
 from stages.errors import UserError
-from stages.lora import LORA_TYPES
-
-if TYPE_CHECKING:
-    from cache import CacheReader
-    from stages.train import TrainConfig
-
-TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit-normal")
 
 
-def stream_generator(seed: int, stream: str, index: int) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, stream name, index), independent of other streams."""
-    digest = hashlib.sha256(f"{seed}:{stream}:{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The CPU generator of one micro-batch's draws: a pure function of (seed, micro-batch index)."""
+    return stream_generator(seed, "micro-batch", micro_step)
+
+
+def draw_noise(shape: torch.Size, num_timesteps: int, generator: torch.Generator,
+               rank_slice: tuple[int, int] | None = None):
+    """(latent_eps, noise, timesteps) for a micro-batch of latents of `shape`, drawn in this order.
+
+    rank_slice=(rank, world_size) under torchrun: `shape` is this rank's part of a global micro-batch of
+    world_size × shape[0] samples; the draws are made for the global micro-batch and this rank's rows are
+    returned, so every sample gets exactly the draws of one process training with the global batch."""
+    if rank_slice is not None:
+        rank, world = rank_slice
+        rows = slice(rank * shape[0], (rank + 1) * shape[0])
+        return tuple(x[rows] for x in draw_noise(torch.Size([shape[0] * world, *shape[1:]]), num_timesteps, generator))
+    latent_eps = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
+    return latent_eps, noise, timesteps
 
 
 def offset_noise(noise: torch.Tensor, offset: float, delta: torch.Tensor) -> torch.Tensor:
@@ -106,6 +115,7 @@ class Recipe:
     timestep_sampling: str = "uniform"
     caption_dropout: float = 0.0
     empty_prompt: dict | None = None  # the cache's empty-caption embeddings, for caption dropout
+    _snr: torch.Tensor | None = field(default=None, repr=False)  # SNR per timestep, for min-SNR weights
 
     def timesteps(self, drawn, batch, num_timesteps, generator, rank_slice=None) -> torch.Tensor:
         if self.timestep_sampling == "logit-normal":
@@ -135,39 +145,36 @@ class Recipe:
         drop = caption_dropout_mask(self.seed, batch["position"].tolist(), self.caption_dropout)
         return drop_captions(prompt_embeds, pooled, drop, self.empty_prompt)
 
-    def loss(self, model_pred, target, noise_scheduler, timesteps) -> torch.Tensor:
+    def loss_weights(self, noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights (min-SNR), computed from the drawn timesteps before the forward; None: plain MSE."""
         if self.min_snr_gamma is None:
+            return None
+        if self._snr is None:  # once, on the CPU (later calls must not copy the schedule from the GPU)
+            from diffusers.training_utils import compute_snr
+            self._snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
+        return min_snr_weights(self._snr[timesteps.cpu()], self.min_snr_gamma, noise_scheduler.config.prediction_type)
+
+    @staticmethod
+    def loss(model_pred, target, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
             return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        from diffusers.training_utils import compute_snr
-        weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), self.min_snr_gamma,
-                                  noise_scheduler.config.prediction_type)
         per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 
 
-def make_recipe(cfg: TrainConfig, reader: CacheReader, device: torch.device, world_size: int = 1) -> Recipe:
-    """Check the recipe options (clear errors before the UNet loads) and build the Recipe."""
-    if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
-        raise UserError(f"--timestep-sampling {cfg.timestep_sampling}: expected one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise UserError(f"--prediction-type {cfg.prediction_type}: expected epsilon or v_prediction")
-    if cfg.lora_type not in LORA_TYPES:
-        raise UserError(f"--lora-type {cfg.lora_type}: expected one of {', '.join(LORA_TYPES)}")
-    if not 0 <= cfg.caption_dropout <= 1:
-        raise UserError(f"--caption-dropout {cfg.caption_dropout}: a probability, between 0 and 1")
-    if cfg.noise_offset < 0 or (cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0):
-        raise UserError("--noise-offset must be >= 0 and --min-snr-gamma > 0")
+def make_recipe(seed: int, window: int, noise_offset: float, min_snr_gamma: float | None, timestep_sampling: str,
+                caption_dropout: float, empty_prompt, cache: str, device: torch.device) -> Recipe:
+    """The Recipe of train's options; `empty_prompt` is CacheReader.empty_prompt() (needed for caption dropout).
+    `window` = samples per optimizer step, all processes together."""
     empty = None
-    if cfg.caption_dropout > 0:
-        empty = reader.empty_prompt()
-        if empty is None:
-            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {reader.path} "
+    if caption_dropout > 0:
+        if empty_prompt is None:
+            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {cache} "
                             "predates: run the same `encode` command again (it adds the embedding and leaves "
                             "the samples as they are)")
-        empty = {k: v.to(device) for k, v in empty.items()}
-    return Recipe(seed=cfg.seed, window=cfg.batch_size * cfg.grad_accum * world_size, noise_offset=cfg.noise_offset,
-                  min_snr_gamma=cfg.min_snr_gamma, timestep_sampling=cfg.timestep_sampling,
-                  caption_dropout=cfg.caption_dropout, empty_prompt=empty)
+        empty = {k: v.to(device) for k, v in empty_prompt.items()}
+    return Recipe(seed=seed, window=window, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma,
+                  timestep_sampling=timestep_sampling, caption_dropout=caption_dropout, empty_prompt=empty)
 
 
 def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 from pathlib import Path
 
+from cache.files import atomic_path, write_bytes_atomic
 from stages.errors import UserError
 
 CARD_MARKER = "<!-- written by sdxl-lora-cache -->"
@@ -177,19 +177,10 @@ def card_path(out_dir: str | Path) -> Path:
     return readme if not readme.exists() or _is_ours(readme) else Path(out_dir) / FALLBACK_CARD_NAME
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_model_card(out_dir: str | Path, train_config: dict, manifest, summary: dict) -> Path:
     """Write the model card into `out_dir` (atomically) and return its path; never replaces a foreign README.md."""
     path = card_path(out_dir)
-    _write_atomic(path, model_card(train_config, manifest, summary).encode("utf-8"))
+    write_bytes_atomic(path, model_card(train_config, manifest, summary).encode("utf-8"))
     return path
 
 
@@ -248,9 +239,8 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, log=print) -> boo
     ax.legend()
     fig.tight_layout()
     out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
     return True
 
 

@@ -5,33 +5,15 @@ The VAE always decodes in FP32, so SDXL's fp16-VAE NaN / black-image problem can
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from stages.encode import resolve_device
+from stages.config import SampleConfig
+from stages.device import resolve_device
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, load_into_pipeline
-from stages.sdxl import DEFAULT_MODEL
-
-
-@dataclass
-class SampleConfig:
-    lora: str | None = field(default=None, metadata={"help": "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder)."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base model: hub id or local diffusers folder."})
-    prompt: tuple[str, ...] = field(default=(), metadata={"help": "A prompt (repeatable)."})
-    negative_prompt: str | None = field(default=None, metadata={"help": "Negative prompt for every image."})
-    steps: int = field(default=30, metadata={"help": "Denoising steps."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
-    seed: int = field(default=42, metadata={"help": "Seed; image i uses seed + i, the same for base and LoRA."})
-    resolution: int = field(default=1024, metadata={"help": "Image height and width."})
-    lora_scale: float = field(default=1.0, metadata={"help": "Strength of the LoRA."})
-    compare: bool = field(default=False, metadata={"help": "Also render the base model and write a labelled base-vs-LoRA grid."})
-    out: str = field(default="./samples", metadata={"help": "Folder for the PNGs."})
-    device: str = field(default="auto", metadata={"help": "auto = cuda when available, else cpu."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace existing images in --out."})
 
 
 def load_pipeline(model: str, device: torch.device):
@@ -146,6 +128,47 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]
     return grid
 
 
+class Validator:
+    """Renders validation prompts' cached embeddings with the training UNet during training; the FP32 VAE
+    waits on the CPU and visits the GPU only to decode (tiled). `embeddings` is CacheReader.validation()."""
+
+    def __init__(self, embeddings: dict, vae, steps: int, guidance: float, seed: int):
+        self.embeddings, self.vae = embeddings, vae.to(torch.float32).eval()
+        self.vae.requires_grad_(False)
+        self.vae.enable_tiling()
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+
+    @classmethod
+    def from_cache(cls, reader, source, steps: int, guidance: float, seed: int) -> "Validator":
+        """The cache's validation prompts, decoded by the model's FP32 VAE (or the cache's VAE override)."""
+        from stages.sdxl import load_decoder_vae
+        return cls(reader.validation(), load_decoder_vae(source, reader.manifest.encoder.get("vae")), steps, guidance, seed)
+
+    def __call__(self, unet, noise_scheduler, step: int, out: Path, resolution: int) -> dict:
+        """Render into out/samples/step-<step>.png; returns the metrics row's validation columns."""
+        device = unet.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        unet.eval()
+        self.vae.to(device)
+        try:
+            images = render_embeddings(unet, self.vae, noise_scheduler, self.embeddings["prompt_embeds"],
+                                       self.embeddings["pooled_prompt_embeds"], resolution, self.steps,
+                                       self.guidance, self.seed)
+        finally:
+            self.vae.to("cpu")
+            unet.train()
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        path = out / "samples" / f"step-{step:05d}.png"
+        labelled_grid([(f"step {step}", images)], self.embeddings["prompts"]).save(path)
+        row = {"validation_image": str(path.relative_to(out))}
+        if device.type == "cuda":
+            row["validation_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)  # later rows' peak_gib: training steps only
+        return row
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
@@ -179,7 +202,7 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
         if settings:  # a v-prediction / zero-SNR LoRA needs the scheduler it was trained for
             from diffusers import EulerDiscreteScheduler
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **settings)
-            log(f"sampling the LoRA with the scheduler it was trained for: "
+            log("sampling the LoRA with the scheduler it was trained for: "
                 + ", ".join(f"{k}={v}" for k, v in settings.items()))
         tuned = render(pipe, prompts, cfg, lora_scale=cfg.lora_scale,
                        guidance_rescale=0.7 if settings.get("rescale_betas_zero_snr") else 0.0)

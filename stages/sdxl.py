@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
+from stages.config import DEFAULT_MODEL, RANDOM_SDXL
 from stages.errors import UserError
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # SDXL base 1.0 UNet architecture (unet/config.json of the hub model), so that full-size memory and
@@ -228,6 +227,23 @@ def load_noise_scheduler(src: ModelSource):
         return DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
     except _load_errors() as e:
         raise UserError(f"model {folder} has no usable 'scheduler' part: {_first_line(e)}") from e
+
+
+def check_cache_fits(c, sample: dict, cache) -> None:
+    """Stop early, with the mismatch named, when the cache (`sample`: one of its samples) was encoded for another
+    architecture than the UNet of config `c`."""
+    problems = []
+    if sample["latent_mean"].shape[0] != c.in_channels:
+        problems.append(f"latent channels {sample['latent_mean'].shape[0]} vs UNet in_channels {c.in_channels}")
+    if sample["prompt_embeds"].shape[-1] != c.cross_attention_dim:
+        problems.append(f"prompt_embeds width {sample['prompt_embeds'].shape[-1]} vs cross_attention_dim {c.cross_attention_dim}")
+    if c.addition_embed_type != "text_time":
+        problems.append("the UNet has no SDXL text_time conditioning")
+    elif sample["pooled_prompt_embeds"].shape[-1] + 6 * c.addition_time_embed_dim != c.projection_class_embeddings_input_dim:
+        problems.append(f"pooled + time_ids width {sample['pooled_prompt_embeds'].shape[-1] + 6 * c.addition_time_embed_dim} "
+                        f"vs UNet's {c.projection_class_embeddings_input_dim}")
+    if problems:
+        raise UserError(f"cache {cache} does not fit this UNet: " + "; ".join(problems))
 
 
 def _first_line(e: BaseException) -> str:

@@ -39,7 +39,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 def encode_config(model, dataset, cache, **overrides):
-    from stages.encode import EncodeConfig
+    from stages.config import EncodeConfig
     kw = dict(model=str(model), dataset=str(dataset), cache=str(cache), resolution=RESOLUTION, cache_dtype="fp32",
               num_workers=0, device="cpu", batch_size=4, shard_size=4)
     kw.update(overrides)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.bench import BenchConfig, bench, parse_size, unet_forward_flops
+from stages.bench import bench, unet_forward_flops
+from stages.config import BenchConfig, parse_size
 from stages.errors import UserError
 from tests.test_train import QUIET
 

@@ -17,7 +17,8 @@ from cache import CacheReader, bucket_epoch_batches
 from stages.data import bucket_sizes, nearest_bucket, preprocess, resize_to_cover, to_pixels
 from stages.encode import encode
 from stages.errors import UserError
-from stages.train import TrainConfig, micro_batches, resolution_stages, train
+from stages.config import TrainConfig, resolution_stages
+from stages.train import train, train_batches
 from tests.conftest import RESOLUTION, encode_config, max_abs_diff
 
 STEP = 32  # bucket sides for the tiny model: latents of multiples of 4, as its UNet needs
@@ -159,7 +160,7 @@ def test_train_batches_come_from_one_bucket(bucket_cache):
     reader = CacheReader(bucket_cache)
     cfg = TrainConfig(cache=str(bucket_cache), batch_size=2, grad_accum=2, max_steps=6, num_workers=0, seed=3)
     sizes = []
-    for step, micro in micro_batches(reader, cfg, 0, torch.device("cpu")):
+    for step, micro in train_batches(reader, cfg, 0, torch.device("cpu")):
         for batch in micro:
             h, w = batch["latent_mean"].shape[-2:]
             assert (batch["time_ids"][:, 4:] == torch.tensor([h * 8, w * 8], dtype=torch.float32)).all()
@@ -199,7 +200,7 @@ def test_multiresolution_cache_equals_separate_caches(multires_cache, fp32_cache
 
 def test_resolution_schedule_parsing(multires_cache):
     m = CacheReader(multires_cache).manifest
-    stages = lambda spec, steps=10: resolution_stages(TrainConfig(resolution_schedule=spec, max_steps=steps), m)
+    stages = lambda spec, steps=10: resolution_stages(spec, m.resolutions, steps)
     assert stages("64:4,128") == [(64, 0, 4), (128, 4, 10)]
     assert stages("64:4,128:6") == [(64, 0, 4), (128, 4, 10)]
     assert stages("128") == [(128, 0, 10)]
@@ -208,7 +209,7 @@ def test_resolution_schedule_parsing(multires_cache):
         with pytest.raises(UserError, match=message):
             stages(bad)
     with pytest.raises(UserError, match="choose with --resolution-schedule"):
-        resolution_stages(TrainConfig(max_steps=10), m)
+        resolution_stages(None, m.resolutions, 10)
 
 
 def test_resolution_schedule_switches_at_the_given_step(multires_cache, tmp_path, cli):
@@ -219,9 +220,9 @@ def test_resolution_schedule_switches_at_the_given_step(multires_cache, tmp_path
     assert [r["resolution"] for r in rows] == [64, 64, 128, 128, 128]
     reader = CacheReader(multires_cache)
     cfg = TrainConfig(cache=str(multires_cache), resolution_schedule="64:2,128", max_steps=5, grad_accum=1, num_workers=0)
-    shapes = [tuple(micro[0]["latent_mean"].shape[-2:]) for _, micro in micro_batches(reader, cfg, 0, torch.device("cpu"))]
+    shapes = [tuple(micro[0]["latent_mean"].shape[-2:]) for _, micro in train_batches(reader, cfg, 0, torch.device("cpu"))]
     assert shapes == [(8, 8)] * 2 + [(16, 16)] * 3
-    resumed = [step for step, _ in micro_batches(reader, cfg, 3, torch.device("cpu"))]
+    resumed = [step for step, _ in train_batches(reader, cfg, 3, torch.device("cpu"))]
     assert resumed == [3, 4]
 
 
@@ -254,9 +255,9 @@ def test_shards_fill_per_group_and_square_caches_keep_the_old_shard_records(tiny
 def test_a_stage_continues_the_epoch_order_of_the_previous_one(multires_cache):
     reader = CacheReader(multires_cache)
     cfg = TrainConfig(cache=str(multires_cache), resolution_schedule="64:3,128", max_steps=6, grad_accum=1, num_workers=0)
-    keys = [k for _, micro in micro_batches(reader, cfg, 0, torch.device("cpu")) for k in micro[0]["position"].tolist()]
+    keys = [k for _, micro in train_batches(reader, cfg, 0, torch.device("cpu")) for k in micro[0]["position"].tolist()]
     assert keys == list(range(6))  # positions run on across the stage boundary
-    from stages.train import CacheStream
+    from cache.sampler import CacheStream
     a, b = CacheStream(CacheReader(multires_cache, 64), 42), CacheStream(CacheReader(multires_cache, 128), 42)
     visited = [a.index_at(p) for p in range(3)] + [b.index_at(p) for p in range(3, 6)]
     assert sorted(visited) == list(range(6))  # stage 2 takes the rest of the epoch, not the same images again

@@ -15,7 +15,8 @@ from stages.errors import UserError
 from stages.export import (ExportConfig, export, kohya_module_to_ldm, module_alphas, module_ranks, peft_to_kohya,
                            to_peft)
 from stages.lora import LORA_WEIGHTS_NAME, adapter_metadata, lora_state_dict
-from stages.train import TrainConfig, train
+from stages.config import TrainConfig
+from stages.train import train
 from tests.conftest import max_abs_diff
 from tests.ldm_checkpoint import UNET_PREFIX, convert_unet, read_component, read_config
 

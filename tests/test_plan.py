@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import pytest
 
 from stages.errors import UserError
-from stages.plan import (GIB, LINEAR_WEIGHT_PARAMS, OTHER_PARAMS, Candidate, Choices, apply_plan, cap_gpu_memory,
-                         choices_for, estimate, load_table, needed_gib, plan)
+from stages.device import cap_gpu_memory
+from stages.plan import (GIB, LINEAR_WEIGHT_PARAMS, OTHER_PARAMS, Candidate, Choices, apply_plan, choices_for,
+                         estimate, load_table, needed_gib, plan)
 
 
 def row(ckpt, weights, b, peak, img_s, optimizer="adamw", compile="none", resolution=512, ga=None):

@@ -15,12 +15,15 @@ from click.testing import CliRunner
 
 from cache import CacheReader
 from stages.errors import UserError
-from stages.lora import (LORA_WEIGHTS_NAME, TARGET_PRESETS, attach_lora, load_into_pipeline, load_lora_weights_into,
-                         parse_rank_pattern, resolve_target_modules, save_lora)
+from stages.config import TARGET_PRESETS, parse_rank_pattern, resolve_target_modules
+from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_into_pipeline, load_lora_weights_into, save_lora
 from stages.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
 from stages.recipes import (Recipe, caption_dropout_mask, configure_noise_scheduler, logit_normal_timesteps,
                             make_recipe, min_snr_weights, offset_noise, stratified_timesteps)
-from stages.train import CacheStream, TrainConfig, compute_loss, draw_noise, step_generator, use_flipped
+from cache.sampler import CacheStream, use_flipped
+from stages.config import TrainConfig
+from stages.recipes import draw_noise, step_generator
+from stages.train import compute_loss
 from tests.conftest import REPO, max_abs_diff
 
 T = 1000  # SDXL's num_train_timesteps
@@ -256,8 +259,8 @@ def test_encode_rerun_adds_the_empty_caption_without_reencoding_samples(tmp_path
     reader = CacheReader(cache)
     assert reader.empty_prompt() is None
     with pytest.raises(UserError, match="run the same `encode` command again"):
-        make_recipe(TrainConfig(cache=str(cache), caption_dropout=0.1), reader, torch.device("cpu"))
-    make_recipe(TrainConfig(cache=str(cache)), reader, torch.device("cpu"))  # fine without caption dropout
+        make_recipe(42, 4, 0.0, None, "uniform", 0.1, reader.empty_prompt(), str(cache), torch.device("cpu"))
+    make_recipe(42, 4, 0.0, None, "uniform", 0.0, None, str(cache), torch.device("cpu"))  # fine without caption dropout
 
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
     logs = []

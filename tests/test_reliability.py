@@ -209,6 +209,7 @@ def test_out_of_memory_and_disk_full_are_short_messages(monkeypatch, tmp_path, f
 
     from click.testing import CliRunner
 
+    import stages.checkpoint
     import stages.train
     from pipeline import cli
     args = ["train", "--cache", str(fp32_cache), "--max-steps", "2", "--checkpoint-every", "1", "--num-workers", "0"]
@@ -223,7 +224,7 @@ def test_out_of_memory_and_disk_full_are_short_messages(monkeypatch, tmp_path, f
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b" / "checkpoint-1"))
-    monkeypatch.setattr(stages.train, "save_checkpoint", full)
+    monkeypatch.setattr(stages.checkpoint, "save_checkpoint", full)
     result = CliRunner().invoke(cli, args + ["--output", str(tmp_path / "b")])
     assert result.exit_code == 1 and "disk full while writing" in result.output and "checkpoint-1" in result.output
 

@@ -17,7 +17,8 @@ import stages.train as train_module
 from stages.errors import UserError
 from stages.report import (CARD_MARKER, NO_MATPLOTLIB, MetricsLogger, model_card, moving_average, plot_losses,
                            write_model_card)
-from stages.train import TrainConfig, train
+from stages.config import TrainConfig
+from stages.train import train
 
 CAPTIONS = ["a red circle on a blue background", "a green square | on yellow", "a purple triangle", "the fourth one"]
 METRICS = [{"step": 1, "loss": 0.5, "lr": 1e-4, "grad_norm": 0.3}, {"step": 2, "loss": float("nan"), "lr": 1e-4,
@@ -163,7 +164,9 @@ def test_plot_losses_plots_the_finite_losses_and_their_moving_average(tmp_path, 
     finite = [r for r in METRICS if math.isfinite(r["loss"])]
     assert x == [r["step"] for r in finite] and y == [r["loss"] for r in finite] and kw["label"] == "loss"
     assert ax == x and ay == moving_average(y, 1) and "moving average" in akw["label"]
-    assert len(calls["canvas"]) == 1 and calls["savefig"] == [str(tmp_path / ".loss.png.tmp")]
+    assert len(calls["canvas"]) == 1 and len(calls["savefig"]) == 1
+    tmp = Path(calls["savefig"][0])  # a hidden temporary name of this writer's own beside the target, gone after
+    assert tmp.parent == tmp_path and tmp.name.startswith(".loss.png.") and tmp.suffix == ".tmp" and not tmp.exists()
 
 
 def test_moving_average_is_a_trailing_mean():

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME
-from stages.sample import SampleConfig, sample
+from stages.config import SampleConfig
+from stages.sample import sample
 from tests.test_train import QUIET, trained  # noqa: F401  (module fixture: a 3-step LoRA)
 
 

@@ -18,8 +18,11 @@ from cache import CacheReader
 from stages.data import decode_image, preprocess
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora
 from stages.sdxl import SDXL_UNET_CONFIG, ModelSource, load_noise_scheduler, load_unet
-from stages.train import (CacheStream, TrainConfig, draw_noise, join_tensors, split_tensors, step_generator, train,
-                          training_step, use_flipped)
+from cache.sampler import CacheStream, use_flipped
+from stages.checkpoint import join_tensors, split_tensors
+from stages.config import TrainConfig
+from stages.recipes import draw_noise, step_generator
+from stages.train import train, training_step
 from tests.conftest import RESOLUTION, max_abs_diff
 
 QUIET = dict(log=lambda *a: None)

@@ -1,0 +1,354 @@
+"""Every stage's options: one dataclass per stage, a help text on every field, each option checked once.
+
+Torch-free on purpose: `pipeline.py` imports only this module until a command runs, so `--help` is instant.
+A field's metadata holds its help text and, where it has them, its `choices` and its `check` (positive,
+non_negative, probability); `__post_init__` applies them, and `pipeline.py` turns the same metadata into click
+choices and range checks, so an option is validated in this one place. Parsing of sizes and schedules lives
+here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from stages.errors import UserError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
+DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+BASE_WEIGHTS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
+QUANTIZED = ("fp8", "int8", "nf4")  # modes that replace the UNet's Linear layers
+LORA_TYPES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # --lora-type: display name
+COMPILE_MODES = ("none", "regional", "regional-graphs")
+CUDA_GRAPHS = ("auto", "on", "off")
+OPTIMIZERS = ("adamw8bit", "adamw")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit-normal")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+ATTENTIONS = ("auto", "sdpa", "xformers")
+REPORT_TO = ("none", "tensorboard")
+CACHE_DTYPES = ("fp16", "bf16", "fp32")
+EXPORT_FORMATS = ("kohya", "diffusers")
+# diffusers.optimization.SchedulerType (tests/test_config.py checks that the two agree)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_FF = ["ff.net.0.proj", "ff.net.2"]
+# `--target-modules` presets: module names that peft matches at the end of a module path. In SDXL's UNet
+# (use_linear_projection) transformer blocks hold to_q/k/v/out.0 (attn1, attn2), ff.net.0.proj / ff.net.2 and
+# proj_in / proj_out; resnet blocks hold time_emb_proj (Linear) and conv1 / conv2 / conv_shortcut (Conv2d).
+TARGET_PRESETS = {
+    "attn": _ATTN,  # the reference: attention projections
+    "attn-ff": _ATTN + _FF,
+    "all-linear": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj"],  # every Linear of those blocks
+    "all": _ATTN + _FF + ["proj_in", "proj_out", "time_emb_proj", "conv1", "conv2", "conv_shortcut"],  # + Conv2d
+}
+
+
+def opt(default, help: str, choices=None, check: str | None = None, **kw):
+    """A config field: its default, help text, allowed values and range check (read by pipeline.py too)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if check is not None:
+        meta["check"] = check
+    return field(default=default, metadata=meta, **kw)
+
+
+CHECKS = {  # name -> (passes, message): shared by __post_init__ and the CLI's range checks
+    "positive": (lambda v: v > 0, "must be > 0"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "probability": (lambda v: 0 <= v <= 1, "must be in the range 0<=x<=1"),
+}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(cfg) -> None:
+    """Apply every field's `choices` and `check` metadata; None passes (an unset optional option)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices is not None and value not in choices:
+            raise UserError(f"unknown {flag_name(f.name)} {value}: choose one of {', '.join(map(str, choices))}")
+        if check is not None and not CHECKS[check][0](value):
+            raise UserError(f"{flag_name(f.name)} {value}: {CHECKS[check][1]}")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def parse_size(text: str) -> int:
+    """'16GiB' / '12000MB' / '512MiB' -> bytes."""
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+    t = text.strip().lower()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise UserError(f"--vram-budget {text}: give a size such as 16GiB or 12000MB")
+
+
+def parse_resolutions(value) -> list[int]:
+    """--resolution as a sorted list: 512 -> [512]; "512,768,1024" or (512, 768, 1024) -> [512, 768, 1024]."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--resolution {value}: expected a number or a list such as 512,768,1024") from None
+    values = sorted(set([value] if isinstance(value, int) else value))
+    if not values or min(values) < 8 or any(v % 8 for v in values):
+        raise UserError(f"--resolution {value}: every resolution must be a positive multiple of 8")
+    return values
+
+
+def resolve_target_modules(spec: str) -> list[str]:
+    """`--target-modules`: a preset name (TARGET_PRESETS) or a comma-separated list of module names."""
+    if spec.strip() in TARGET_PRESETS:
+        return list(TARGET_PRESETS[spec.strip()])
+    return [m.strip() for m in spec.split(",") if m.strip()]
+
+
+def parse_rank_pattern(spec: str | None) -> dict[str, int]:
+    """`--rank-pattern "to_k=8,mid_block.*=32"` -> peft's rank_pattern {"to_k": 8, "mid_block.*": 32}."""
+    pattern = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, rank = item.partition("=")
+        if not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
+            raise ValueError(f"--rank-pattern {item.strip()!r}: expected name=rank with a rank >= 1, e.g. to_k=8")
+        pattern[name.strip()] = int(rank)
+    return pattern
+
+
+def resolution_stages(schedule: str | None, available: list[int], max_steps: int,
+                      cache: str = "the cache") -> list[tuple[int, int, int]]:
+    """(resolution, first step, end step) per stage of --resolution-schedule, in optimizer steps; `available`
+    are the cache's resolutions."""
+    if not schedule:
+        if len(available) > 1:
+            raise UserError(f"cache {cache} holds resolutions {', '.join(map(str, available))}: choose with "
+                            f"--resolution-schedule, e.g. {available[-1]} or {available[0]}:500,{available[-1]}")
+        return [(available[0], 0, max_steps)]
+    entries = [e.strip() for e in schedule.split(",") if e.strip()]
+    stages, start = [], 0
+    for i, entry in enumerate(entries):
+        res, _, steps = entry.partition(":")
+        last = i == len(entries) - 1
+        if not res.isdigit() or not (steps.isdigit() or (last and not steps)) or (steps and int(steps) < 1):
+            raise UserError(f"--resolution-schedule {schedule}: expected res:steps,..., the last "
+                            f"steps optional, e.g. 512:500,1024 ({entry!r})")
+        if int(res) not in available:
+            raise UserError(f"--resolution-schedule: the cache holds resolution(s) {', '.join(map(str, available))}, "
+                            f"not {res}; encode with --resolution {','.join(map(str, sorted({*available, int(res)})))}")
+        end = start + int(steps) if steps else max_steps
+        if end <= start:
+            raise UserError(f"--resolution-schedule {schedule}: the stages before {entry} already "
+                            f"take {start} of --max-steps {max_steps}, nothing is left for it")
+        stages.append((int(res), start, end))
+        start = end
+    if start != max_steps or any(a >= b for _, a, b in stages):
+        raise UserError(f"--resolution-schedule {schedule} covers {start} optimizer steps, "
+                        f"--max-steps is {max_steps}: make them agree, or leave the last stage's steps out")
+    return stages
+
+
+def stage_resolution(stages: list[tuple[int, int, int]], step: int) -> int:
+    """The resolution trained at optimizer step `step` (0-based)."""
+    return next(r for r, a, b in stages if a <= step < b)
+
+
+# ------------------------------------------------------------------------------------------ encode
+@dataclass
+class EncodeConfig:
+    model: str = opt(DEFAULT_MODEL, "Hub id, local diffusers folder, or single-file .safetensors checkpoint.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    variant: str | None = opt(None, "Weight variant of --model, e.g. fp16.")
+    model_config: str | None = opt(None, "Single-file checkpoints only: diffusers folder or hub id with the matching configs (default: inferred by diffusers).")
+    vae: str | None = opt(None, "Override the VAE: hub id, folder or single file (e.g. an fp16-fix VAE).")
+    dataset: str = opt(DEFAULT_DATASET, "Hub dataset id, imagefolder (metadata.jsonl/csv), save_to_disk folder, or folder of images with .txt captions.")
+    split: str = opt("train", "Dataset split.")
+    image_column: str = opt("image", "Image column of a hub or save_to_disk dataset.")
+    caption_column: str = opt("text", "Caption column of a hub, imagefolder (metadata.jsonl/csv) or save_to_disk dataset.")
+    cache: str = opt("./cache", "Cache folder to write.")
+    resolution: int | tuple[int, ...] = opt(512, "Shorter side is resized to this, then a square crop of this size; several (512,768,1024) store each image once per resolution for `train --resolution-schedule`.")
+    buckets: bool = opt(False, "Aspect-ratio buckets: each image is resized and cropped to the bucket (area <= resolution², sides multiples of --bucket-step) nearest its aspect ratio, instead of a square.")
+    bucket_step: int = opt(64, "With --buckets: bucket sides are multiples of this many pixels.", check="positive")
+    bucket_max_aspect: float = opt(4.0, "With --buckets: the most elongated bucket's long/short side ratio.", check="positive")
+    center_crop: bool = opt(True, "Center crop (default) or one random crop per image, recorded in time_ids.")
+    flip: bool = opt(True, "Also encode the mirrored image so training can flip per step (p=0.5).")
+    cache_dtype: str = opt("fp16", "Storage dtype of latents and embeddings.", choices=CACHE_DTYPES)
+    batch_size: int = opt(8, "Images per VAE / text-encoder batch.", check="positive")
+    shard_size: int = opt(256, "Samples per shard file (at most; with --buckets or several resolutions, shards of small buckets hold fewer).", check="positive")
+    device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
+    num_workers: int = opt(2, "Processes decoding and preprocessing images.", check="non_negative")
+    seed: int = opt(42, "Seed of --random-crop (crops are a function of seed and key).")
+    overwrite: bool = opt(False, "Replace an existing cache made with other settings.")
+    validation_prompt: tuple[str, ...] = opt((), "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders.")
+    dry_run: bool = opt(False, "Only report what is stale in an existing cache and why; write nothing.")
+
+    def __post_init__(self):
+        check_fields(self)
+        values = self.resolutions
+        if self.buckets and (self.bucket_step < 8 or self.bucket_step % 8 or any(v % self.bucket_step for v in values)):
+            raise UserError(f"--bucket-step {self.bucket_step}: must be a multiple of 8 that divides every --resolution")
+        if self.buckets and self.bucket_max_aspect < 1:
+            raise UserError(f"--bucket-max-aspect {self.bucket_max_aspect}: must be at least 1")
+
+    @property
+    def resolutions(self) -> list[int]:
+        return parse_resolutions(self.resolution)
+
+
+# ------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    cache: str = opt("./cache", "Cache folder written by `encode`.")
+    output: str = opt("./sdxl-naruto-lora", "Output folder for the LoRA, checkpoints and logs.")
+    model: str | None = opt(None, "UNet source: hub id, diffusers folder or single file (default: the model recorded in the cache).")
+    revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
+    variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
+    model_config: str | None = opt(None, "Single-file --model only: folder or hub id with its configs.")
+    resolution_schedule: str | None = opt(None, "Train progressively through the resolutions of a multi-resolution cache: res:steps,... in optimizer steps, the last stage may omit its steps (it runs to --max-steps), e.g. 512:500,768:500,1024 (default: the cache's only resolution).")
+    rank: int = opt(16, "LoRA rank r.", check="positive")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank.", check="positive")
+    target_modules: str = opt("to_q,to_k,to_v,to_out.0", "Comma-separated UNet module names that get the adapter, or a preset: attn (these four), attn-ff, all-linear, all (see README).")
+    lora_type: str = opt("lora", "Adapter, through peft: lora, dora (weight-decomposed), loha (Hadamard product), lokr (Kronecker product); loha/lokr load through peft, not load_lora_weights (see README).", choices=LORA_TYPES)
+    rank_pattern: str | None = opt(None, "Other ranks for some modules: name=rank,... where a name (a regex) matches the end of a module path, e.g. to_k=8,mid_block.*=32 (peft rank_pattern; alpha stays --alpha).")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in backward: far less memory; with CUDA graphs it costs ~30% of the step.")
+    cuda_graphs: str = opt("auto", "Capture each micro-batch's forward + backward as one CUDA graph per input shape and replay it (removes the host's kernel-launch time, the bottleneck at small batches): auto = on for CUDA unless --compile regional-graphs; falls back to eager with a note where capture fails.", choices=CUDA_GRAPHS)
+    compile: str = opt("none", "none; regional: torch.compile of the UNet's repeated transformer blocks (diffusers compile_repeated_blocks; CUDA; ~20-40 s before the first step; inside the CUDA graph too); regional-graphs: the same in mode reduce-overhead, each block its own CUDA graph (instead of --cuda-graphs).", choices=COMPILE_MODES)
+    vram_budget: str | None = opt(None, "GPU memory to fit, e.g. 12GiB: picks the fastest checkpointing / base weights / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, and caps this process at it (CUDA; overrides those flags).")
+    batch_size: int = opt(1, "Samples per micro-batch.", check="positive")
+    grad_accum: int = opt(4, "Micro-batches per optimizer step.", check="positive")
+    learning_rate: float = opt(5e-5, "Peak learning rate.", check="positive")
+    scale_lr: bool = opt(False, "Under torchrun, multiply --learning-rate by the number of processes (default: use it as given).")
+    lr_scheduler: str = opt("constant_with_warmup", "diffusers scheduler name.", choices=LR_SCHEDULERS)
+    warmup_steps: int = opt(100, "Warmup, in optimizer steps.", check="non_negative")
+    max_steps: int = opt(1000, "Optimizer steps to train.", check="positive")
+    max_grad_norm: float = opt(0.5, "Clip the gradient norm to this.", check="positive")
+    noise_offset: float = opt(0.0, "Offset noise: add this × N(0,1), one value per sample and channel, to the noise (0: off; 0.05-0.1 helps very dark or bright images).", check="non_negative")
+    min_snr_gamma: float | None = opt(None, "Min-SNR-γ loss weights min(SNR, γ)/SNR per sample (v-prediction: /(SNR+1)); 5 is the paper's choice (default: off, plain MSE).", check="positive")
+    timestep_sampling: str = opt("uniform", "Timesteps: uniform; stratified = one per equal stratum of [0, T) among each optimizer step's samples; logit-normal = sigmoid(N(0,1)) × T (favours middle timesteps).", choices=TIMESTEP_SAMPLINGS)
+    prediction_type: str | None = opt(None, "Train the UNet to predict epsilon (the noise) or v_prediction (the velocity) (default: the model's scheduler's, epsilon for SDXL base).", choices=PREDICTION_TYPES)
+    rescale_betas_zero_snr: bool = opt(False, "Rescale the noise schedule to zero terminal SNR (diffusers' rescale_betas_zero_snr; pair with --prediction-type v_prediction).")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding instead of its own (0: off).", check="probability")
+    optimizer: str = opt("adamw8bit", "adamw8bit (bitsandbytes, CUDA; else falls back to adamw) or adamw.", choices=OPTIMIZERS)
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", check="non_negative")
+    mixed_precision: str = opt("auto", "auto = bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU.", choices=PRECISIONS)
+    base_weights: str = opt("auto", "How the frozen UNet is stored: auto = the compute dtype; bf16, fp16; fp8 (scaled per channel, upcast per layer); int8, nf4 (bitsandbytes, CUDA only). The LoRA trains in fp32 and loads into an ordinary pipeline either way.", choices=BASE_WEIGHTS)
+    attention: str = opt("auto", "auto = xformers when installed and working on the GPU, else PyTorch SDPA.", choices=ATTENTIONS)
+    seed: int = opt(42, "Seed of the data order, flips, latent draws, noise and timesteps.")
+    checkpoint_every: int = opt(200, "Save checkpoint-N/ every this many optimizer steps (0: never).", check="non_negative")
+    max_bad_steps: int = opt(10, "Stop after this many non-finite steps in a row.", check="positive")
+    validate_every: int = opt(0, "Render the cache's validation prompts every N optimizer steps into OUTPUT/samples/ (0: never).", check="non_negative")
+    validation_steps: int = opt(25, "Denoising steps of validation images.", check="positive")
+    validation_guidance: float = opt(5.0, "Guidance scale of validation images.", check="non_negative")
+    checkpoints_total_limit: int | None = opt(None, "Keep only this many newest checkpoints (default: keep all).", check="positive")
+    report_to: str = opt("none", "Also log loss, lr and grad_norm per step to a tracker: tensorboard writes OUTPUT/logs (pip install tensorboard).", choices=REPORT_TO)
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from.")
+    verify_cache: bool = opt(True, "Check every shard's sha256 before training (seconds per GB).")
+    device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
+    num_workers: int = opt(2, "Data-loading processes (0: in the main process).", check="non_negative")
+    overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output.")
+
+    def __post_init__(self):
+        check_fields(self)
+        try:
+            parse_rank_pattern(self.rank_pattern)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if not self.target_module_list:
+            raise UserError("--target-modules: name at least one module, or a preset (attn, attn-ff, all-linear, all)")
+        if self.vram_budget:
+            parse_size(self.vram_budget)
+        if self.compile == "regional-graphs" and self.cuda_graphs == "on":
+            raise UserError("--compile regional-graphs makes each block its own CUDA graph: use --compile regional "
+                            "with --cuda-graphs on (one graph per micro-batch), or --cuda-graphs off")
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return resolve_target_modules(self.target_modules)
+
+    @property
+    def rank_pattern_dict(self) -> dict[str, int]:
+        return parse_rank_pattern(self.rank_pattern)
+
+
+# ------------------------------------------------------------------------------------------- bench
+def same_as_train(name: str, default=dataclasses.MISSING, help: str | None = None):
+    """A BenchConfig field that is TrainConfig's `name` (its help, choices and check), with another default."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    meta = dict(f.metadata)
+    if help:
+        meta["help"] = help
+    return field(default=f.default if default is dataclasses.MISSING else default, metadata=meta)
+
+
+@dataclass
+class BenchConfig:
+    model: str = opt(RANDOM_SDXL, "random:sdxl = full-size SDXL UNet with random weights, built on the GPU (no download); or a hub id / folder.")
+    resolution: int = opt(512, "Image side in pixels (latents are 1/8).", check="positive")
+    batch_size: int = same_as_train("batch_size")
+    grad_accum: int = same_as_train("grad_accum")
+    mixed_precision: str = same_as_train("mixed_precision")
+    base_weights: str = same_as_train("base_weights")
+    gradient_checkpointing: bool = same_as_train("gradient_checkpointing")
+    cuda_graphs: str = same_as_train("cuda_graphs")
+    optimizer: str = same_as_train("optimizer")
+    rank: int = same_as_train("rank")
+    alpha: float = same_as_train("alpha")
+    target_modules: str = same_as_train("target_modules")
+    compile: str = same_as_train("compile")
+    steps: int = opt(10, "Timed optimizer steps.", check="positive")
+    warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
+    baseline: bool = opt(False, "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio.")
+    vram_budget: str | None = opt(None, "Cap this process's GPU memory, e.g. 16GiB, to prove a fit on a smaller card.")
+    device: str = same_as_train("device")
+    seed: int = same_as_train("seed")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.vram_budget:
+            parse_size(self.vram_budget)
+
+
+# ------------------------------------------------------------------------------------------ sample
+@dataclass
+class SampleConfig:
+    lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder).")
+    model: str = opt(DEFAULT_MODEL, "Base model: hub id or local diffusers folder.")
+    prompt: tuple[str, ...] = opt((), "A prompt (repeatable).")
+    negative_prompt: str | None = opt(None, "Negative prompt for every image.")
+    steps: int = opt(30, "Denoising steps.", check="positive")
+    guidance: float = opt(7.5, "Classifier-free guidance scale.", check="non_negative")
+    seed: int = opt(42, "Seed; image i uses seed + i, the same for base and LoRA.")
+    resolution: int = opt(1024, "Image height and width.", check="positive")
+    lora_scale: float = opt(1.0, "Strength of the LoRA.")
+    compare: bool = opt(False, "Also render the base model and write a labelled base-vs-LoRA grid.")
+    out: str = opt("./samples", "Folder for the PNGs.")
+    device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
+    overwrite: bool = opt(False, "Replace existing images in --out.")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+# ------------------------------------------------------------------------------------------ export
+@dataclass
+class ExportConfig:
+    lora: str | None = opt(None, "kohya: folder holding pytorch_lora_weights.safetensors (or that file); diffusers: the kohya .safetensors file.")
+    format: str = opt("kohya", "kohya = one file for A1111 / ComfyUI / Forge / kohya; diffusers = import a kohya file into a LoRA folder.", choices=EXPORT_FORMATS)
+    out: str | None = opt(None, "kohya: the .safetensors file to write; diffusers: the folder to write pytorch_lora_weights.safetensors into.")
+    overwrite: bool = opt(False, "Replace an existing output file.")
+
+    def __post_init__(self):
+        check_fields(self)

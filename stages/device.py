@@ -1,0 +1,156 @@
+"""One process's device: which device, which precision, which attention kernel, compilation, the
+memory cap. (Several processes under torchrun: stages/distributed.py.)"""
+from __future__ import annotations
+
+import torch
+
+from stages.config import parse_size
+from stages.errors import UserError
+
+GIB = 2**30
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast / frozen-base dtype: None means plain fp32."""
+    if device.type != "cuda":
+        if mixed_precision in ("fp16", "bf16"):
+            raise UserError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; use auto or no on CPU")
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("--mixed-precision bf16: this GPU has no bf16 support; use fp16 or auto")
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Refuse --attention xformers off CUDA before anything loads."""
+    if attention == "xformers" and device.type != "cuda":
+        raise UserError("--attention xformers needs a CUDA GPU")
+
+
+def enable_attention(unet, attention: str, device: torch.device, log) -> str:
+    """SDPA (diffusers' default) or xformers when it really works here (checked with a real call)."""
+    check_attention(attention, device)
+    if attention == "sdpa" or device.type != "cuda":
+        return "sdpa"
+    try:
+        import xformers.ops
+        q = torch.randn(1, 8, 2, 40, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    except Exception as e:  # missing, or built for another torch/CUDA: fall back, say so once
+        if attention == "xformers":
+            raise UserError(f"--attention xformers does not work here: {type(e).__name__}: {e}") from e
+        if not isinstance(e, ImportError):
+            log(f"note: xformers is installed but does not work here ({type(e).__name__}); using PyTorch SDPA")
+        return "sdpa"
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    if mode != "none" and device.type != "cuda":
+        raise UserError(f"--compile {mode} needs a CUDA GPU")
+
+
+def apply_compile(unet, mode: str, device: torch.device) -> None:
+    """--compile: regional compilation of the repeated transformer blocks (lazy: it happens in the first step);
+    regional-graphs adds mode reduce-overhead, which replays each compiled block as a CUDA graph."""
+    check_compile(mode, device)
+    if mode == "none":
+        return
+    # fullgraph=True hit the recompile limit with checkpointing
+    unet.compile_repeated_blocks(**({"mode": "reduce-overhead"} if mode == "regional-graphs" else {}))
+
+
+def cap_gpu_memory(device: torch.device, budget: str, log) -> int:
+    """Cap this process's CUDA allocator at `budget` (e.g. "12GiB"); returns it in bytes."""
+    if device.type != "cuda":
+        raise UserError("--vram-budget needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget_bytes = parse_size(budget)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
+    log(f"GPU memory capped at {budget_bytes / GIB:.2f} GiB of {total / GIB:.1f} GiB")
+    return budget_bytes
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, log) -> bool:
+    """--cuda-graphs auto: on for a single CUDA process unless the blocks are graphs already (regional-graphs)."""
+    if mode == "off" or (mode == "auto" and (device.type != "cuda" or compile == "regional-graphs")):
+        return False
+    if device.type != "cuda":
+        raise UserError("--cuda-graphs on needs a CUDA GPU")
+    if world > 1:
+        log("note: CUDA graphs are not used under torchrun yet (DDP's all-reduce runs outside a graph); training eagerly")
+        return False
+    return True
+
+
+class CudaGraphs:
+    """Run `fn(inputs)` (one micro-batch's forward + backward, accumulating into pre-allocated gradients and
+    loss buffers) as a CUDA graph: captured the first time each input shape is seen, replayed after that
+    with the inputs copied into the graph's static buffers. All graphs share one memory pool.
+
+    `state` lists the tensors `fn` accumulates into (gradients, loss sum): capture warms up by running `fn`
+    for real, so their values are saved first and restored after. Where capture fails (an operation that
+    syncs with the host or allocates outside the pool), every later call runs `fn` eagerly, and `log` says
+    why once."""
+
+    WARMUP = 3  # eager runs on a side stream before capture (cuBLAS / autotuning / lazy init settle)
+
+    def __init__(self, fn, state: list[torch.Tensor], log):
+        self.fn, self.state, self.log = fn, state, log
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.pool = None
+        self.failed: str | None = None
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> None:
+        if self.failed:
+            return self.fn(inputs)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        if key not in self.graphs and not self._capture(key, inputs):
+            return self.fn(inputs)
+        graph, static = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+
+    def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:
+        static = {k: v.clone() for k, v in inputs.items()}
+        saved = [t.clone() for t in self.state]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    self.fn(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.fn(static)
+        except Exception as e:  # noqa: BLE001 (any failure to capture means: run eagerly)
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.log(f"note: CUDA graph capture failed ({self.failed}); training continues eagerly "
+                     "(--cuda-graphs off skips the attempt)")
+            torch.cuda.synchronize()
+            return False
+        finally:
+            for t, value in zip(self.state, saved):
+                t.copy_(value)
+        self.pool = self.pool or graph.pool()
+        self.graphs[key] = (graph, static)
+        return True
