@@ -26,12 +26,16 @@ sections (RESULTS.md names the section next to each heading):
   quantized-q  the quantized table's rows marked (q): nf4 b1 x ga4, nf4/fp8/int8 b4 x ga1, fp8 at 1024²
   encode       encode --model random:sdxl of 512 generated JPEGs: defaults, and 12 workers x batch 16
   buckets      encode --resolution 1024 --buckets of 64 generated JPEGs, info, and 6 steps of train on them
+  speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
+               at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
+Sections measured before 2026-12-01 ran eagerly; since then train and bench capture CUDA graphs by default:
+set EXTRA="--cuda-graphs off" to re-measure them as they were.
 EOF
 }
 
 section=${1:-}
 case $section in
-  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets) ;;
+  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed) ;;
   *) [ -n "$section" ] && echo "unknown section: $section" >&2; usage >&2; exit 2;;
 esac
 dir=${OUT:-/tmp/reproduce}/$section
@@ -42,6 +46,7 @@ echo "== $section: outputs and logs in $dir"
 # bench's JSON lines left out; all of it on failure, which stops the section)
 run() {
   local name=$1 rc=0; shift
+  case $1 in train|bench) set -- "$@" ${EXTRA:-};; esac
   echo "-- $name: python3 pipeline.py $*"
   python3 pipeline.py "$@" > "$dir/$name.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ]; then tr '\r' '\n' < "$dir/$name.log" | grep -v '%|' | tail -n 40 || true; echo "-- $name: exit $rc"; return "$rc"; fi
@@ -97,8 +102,11 @@ for line in open(sys.argv[1]):
               "ckpt {checkpointing}, compile {compile}, {optimizer}: peak alloc {peak_allocated_gib} / reserved "
               "{peak_reserved_gib} GiB, {images_per_s} img/s, {median_step_s} s/step, first step {time_to_first_step_s} s, "
               "UNet fwd {unet_forward_tflop_per_image} TFLOP/img, MFU {mfu} (matmul peak {matmul_peak_tflops} TFLOP/s), "
-              "last loss {last_loss}".format_map({"mfu": None, "matmul_peak_tflops": None, "peak_allocated_gib": None,
-                                                  "peak_reserved_gib": None, **r}))
+              "last loss {last_loss}; CUDA graphs {cuda_graphs}: per step {profile_step_ms} ms, host {host_ms_per_step} ms, "
+              "GPU busy {gpu_busy_ms_per_step} ms".format_map({"cuda_graphs": None, "profile_step_ms": None,
+                                                              "host_ms_per_step": None, "gpu_busy_ms_per_step": None,
+                                                              **{"mfu": None, "matmul_peak_tflops": None, "peak_allocated_gib": None,
+                                                  "peak_reserved_gib": None, **r}}))
     elif line.startswith("speed-up vs baseline"):
         print("   " + " ".join(line.split()))
 ' "$dir/$name.log"
@@ -258,6 +266,16 @@ buckets)  # 'Buckets end to end on the GPU'
   TAIL=1 run train train --cache "$dir/cache" --output "$dir/train" --max-steps 6 --batch-size 2 --grad-accum 1 --checkpoint-every 0 --num-workers 2
   metrics "$dir/train"
   python3 -c 'import json, sys; print("   grad norms", [round(json.loads(l)["grad_norm"], 4) for l in open(sys.argv[1] + "/metrics.jsonl")])' "$dir/train"
+  ;;
+speed)  # "Fast by default" (2026-12-01): CUDA graphs (the default), flat 8-bit AdamW; one bench per row
+  bench defaults --baseline --steps 10 --warmup 2
+  bench fused --optimizer adamw --steps 8
+  bench b4ckpt --batch-size 4 --grad-accum 1 --steps 8
+  bench best512 --batch-size 4 --grad-accum 1 --no-gradient-checkpointing --optimizer adamw --compile regional --steps 8
+  bench ckpt1024 --resolution 1024 --steps 8
+  bench best1024 --resolution 1024 --batch-size 8 --grad-accum 1 --no-gradient-checkpointing --optimizer adamw --compile regional --steps 8
+  bench nf4 --base-weights nf4 --steps 8
+  bench nf4b4 --base-weights nf4 --batch-size 4 --grad-accum 1 --steps 8
   ;;
 esac
 echo "== $section: done ($dir)"

@@ -64,6 +64,14 @@ WEIGHTS_SLOWDOWN = {"bf16": 1.0, "fp16": 1.0, "fp8": 1.15, "int8": 1.7, "nf4": 1
 COMPILE_SPEEDUP = 0.86  # regional compile: 11.34 vs 9.78 img/s (no ckpt), 1.34 vs ≈ 1.15 (ckpt)
 COMPILE_START_S = 30.0  # its extra time before the first step (20-40 s measured)
 OPTIMIZER_STEP_S = {"adamw": 0.007, "adamw8bit": 0.09}  # fused AdamW vs bitsandbytes 8-bit
+# With CUDA graphs (--cuda-graphs, the default on CUDA: one graph per micro-batch; bench/RESULTS.md 2026-12-01) the
+# launch time is gone: a micro-batch costs a fixed replay overhead plus its arithmetic at an achieved rate (fitted
+# to 512² b1/b4 and 1024² b1 with checkpointing, 80 / 140 / 150 ms per micro-batch with the step's share included)
+GRAPH_OVERHEAD_S = 0.062
+GRAPH_TFLOPS = 300.0
+GRAPH_WEIGHTS_SLOWDOWN = {**WEIGHTS_SLOWDOWN, "nf4": 1.38}  # nf4 b1 / b4: 110 / 175 ms vs 80 / 126 ms for bf16
+GRAPH_GIB = 0.15  # static inputs, the graph pool's slack: 5.51 vs 5.36 GiB at 512², b1, checkpointing
+GRAPH_OPTIMIZER_STEP_S = 0.01  # flat LoRA buffers: 8-bit AdamW is one launch, as fast as fused AdamW (12.12 vs 12.21 img/s)
 NEAR_TIE = 0.02  # speeds within 2% count as equal (the estimates are good to ~10%): take less memory
 
 
@@ -91,6 +99,7 @@ class Choices:
     base_weights: tuple[str, ...] = ("bf16", "fp8", "int8", "nf4")
     optimizer: tuple[str, ...] = ("adamw", "adamw8bit")
     compile: tuple[str, ...] = ("none", "regional")
+    cuda_graphs: bool = False  # every candidate runs as CUDA graphs (train's default on CUDA)
 
 
 def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
@@ -100,7 +109,8 @@ def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
     weights = ("fp8",) + (("int8", "nf4") if bitsandbytes else ()) if "base_weights" in fields else ()
     return Choices(base_weights=(compute_dtype,) + weights,
                    optimizer=("adamw", "adamw8bit") if bitsandbytes else ("adamw",),
-                   compile=("none", "regional") if "compile" in fields else ("none",))
+                   compile=("none", "regional") if "compile" in fields else ("none",),
+                   cuda_graphs="cuda_graphs" in fields and cfg.cuda_graphs != "off")
 
 
 @dataclass(frozen=True)
@@ -136,23 +146,33 @@ def needed_gib(peak_gib: float) -> float:
     return peak_gib * RESERVED_PER_ALLOCATED + CONTEXT_GIB
 
 
-def estimate_peak_gib(c: Candidate, resolution: int) -> float:
+def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False) -> float:
     weights = LINEAR_WEIGHT_PARAMS * BYTES_PER_LINEAR_WEIGHT[c.base_weights] + OTHER_PARAMS * 2
     lora = LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer]
     activations = c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
-    return (weights + lora) / GIB + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
+    return ((weights + lora) / GIB + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
+            + (GRAPH_GIB if graphs else 0))
 
 
-def micro_batch_s(c: Candidate, resolution: int) -> float:
-    """Seconds per micro-batch (forward + backward): the host's launch time or the GPU's work, whichever is longer."""
+def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
+    """Seconds per micro-batch (forward + backward): eager, the host's launch time or the GPU's work, whichever is
+    longer; as a CUDA graph, a replay overhead plus the GPU's work."""
     passes = 3 if c.gradient_checkpointing else 2
+    if graphs:
+        work = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GRAPH_TFLOPS
+        seconds = (GRAPH_OVERHEAD_S + work) * GRAPH_WEIGHTS_SLOWDOWN[c.base_weights]
+        return seconds * (COMPILE_SPEEDUP if c.compile == "regional" else 1)
     gpu = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GPU_TFLOPS
     seconds = max(HOST_S_PER_MICRO_BATCH[c.gradient_checkpointing], gpu) * WEIGHTS_SLOWDOWN[c.base_weights]
     return seconds * (COMPILE_SPEEDUP if c.compile == "regional" else 1)
 
 
-def images_per_s(c: Candidate, micro_s: float) -> float:
-    return c.batch_size * c.grad_accum / (c.grad_accum * micro_s + OPTIMIZER_STEP_S[c.optimizer])
+def optimizer_step_s(c: Candidate, graphs: bool = False) -> float:
+    return GRAPH_OPTIMIZER_STEP_S if graphs else OPTIMIZER_STEP_S[c.optimizer]
+
+
+def images_per_s(c: Candidate, micro_s: float, graphs: bool = False) -> float:
+    return c.batch_size * c.grad_accum / (c.grad_accum * micro_s + optimizer_step_s(c, graphs))
 
 
 def load_table(path: str | Path) -> list[dict]:
@@ -161,22 +181,23 @@ def load_table(path: str | Path) -> list[dict]:
     return [r for r in rows if "resolution" in r]
 
 
-def _matches(row: dict, c: Candidate, resolution: int) -> bool:
+def _matches(row: dict, c: Candidate, resolution: int, graphs: bool) -> bool:
     return (row.get("resolution"), row.get("micro_batch"), row.get("checkpointing"), row.get("base_weights"),
-            row.get("optimizer"), row.get("compile", "none")) == (
-        resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile)
+            row.get("optimizer"), row.get("compile", "none"), bool(row.get("cuda_graphs"))) == (
+        resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile, graphs)
 
 
-def estimate(c: Candidate, resolution: int, table: list[dict] | None = None) -> Estimate:
+def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, graphs: bool = False) -> Estimate:
     """Peak GiB and img/s of `c`; matching measured rows win over the model (the largest peak of repeats)."""
-    rows = [r for r in table or [] if _matches(r, c, resolution)]
+    rows = [r for r in table or [] if _matches(r, c, resolution, graphs)]
     peaks = [r["peak_allocated_gib"] for r in rows if r.get("peak_allocated_gib") is not None]
     # a row's img/s is for its own grad_accum: recover its time per micro-batch, then re-time for ours
     micro = [(r["micro_batch"] * r.get("grad_accum", c.grad_accum) / r["images_per_s"]
-              - OPTIMIZER_STEP_S[c.optimizer]) / r.get("grad_accum", c.grad_accum)
+              - optimizer_step_s(c, graphs)) / r.get("grad_accum", c.grad_accum)
              for r in rows if r.get("images_per_s")]
-    return Estimate(peak_gib=max(peaks) if peaks else estimate_peak_gib(c, resolution),
-                    images_per_s=images_per_s(c, sum(micro) / len(micro) if micro else micro_batch_s(c, resolution)),
+    return Estimate(peak_gib=max(peaks) if peaks else estimate_peak_gib(c, resolution, graphs),
+                    images_per_s=images_per_s(c, sum(micro) / len(micro) if micro else micro_batch_s(c, resolution, graphs),
+                                              graphs),
                     peak_measured=bool(peaks), speed_measured=bool(micro))
 
 
@@ -197,7 +218,7 @@ def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[d
     budget = budget_bytes / GIB
     scored = []
     for c in candidates(effective_batch, allowed):
-        e = estimate(c, resolution, table)
+        e = estimate(c, resolution, table, allowed.cuda_graphs)
         run_s = (max_steps or 1) * effective_batch / e.images_per_s
         if max_steps and c.compile == "regional":
             run_s += COMPILE_START_S
@@ -236,13 +257,11 @@ def apply_plan(cfg, plan: Plan):
     return dataclasses.replace(cfg, **{k: v for k, v in choice.items() if k in names})
 
 
-def fit_vram_budget(cfg, device, resolution: int, log):
-    """--vram-budget: cap this process's GPU memory at cfg.vram_budget and return a copy of the TrainConfig
-    `cfg` with the fastest configuration that fits (the reason printed)."""
+def _allowed_here(cfg, device) -> Choices:
+    """What `cfg` can run on this CUDA device: its compute dtype, and bitsandbytes if it imports."""
     import torch
 
-    from stages.device import cap_gpu_memory, resolve_precision
-    budget = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
+    from stages.device import resolve_precision
     dtype = resolve_precision(cfg.mixed_precision, device)
     if dtype is None:
         raise UserError("--vram-budget plans bf16/fp16 training: use --mixed-precision auto, bf16 or fp16")
@@ -251,7 +270,44 @@ def fit_vram_budget(cfg, device, resolution: int, log):
         bnb = True
     except Exception:
         bnb = False
-    allowed = choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb)
+    return choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb)
+
+
+def fit_vram_budget(cfg, device, resolution: int, log):
+    """--vram-budget: cap this process's GPU memory at cfg.vram_budget and return a copy of the TrainConfig
+    `cfg` with the fastest configuration that fits (the reason printed)."""
+    from stages.device import cap_gpu_memory
+    budget = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
+    allowed = _allowed_here(cfg, device)
     chosen = plan(budget, resolution, cfg.batch_size * cfg.grad_accum, allowed=allowed, max_steps=cfg.max_steps)
     log(chosen.reason)
     return apply_plan(cfg, chosen)
+
+
+SUGGEST_SPEEDUP = 1.25  # say so when the card could train this much faster
+
+
+def suggest_budget(cfg, device, resolution: int) -> str | None:
+    """One line when this card could train cfg's effective batch markedly faster: what `--vram-budget` (the whole
+    card) would pick and the estimated speed-up; None otherwise, or where the planner cannot express cfg."""
+    import torch
+    try:
+        allowed = _allowed_here(cfg, device)
+    except UserError:
+        return None
+    weights = allowed.base_weights[0] if cfg.base_weights == "auto" else cfg.base_weights
+    if cfg.compile not in allowed.compile or weights not in allowed.base_weights or cfg.optimizer not in allowed.optimizer:
+        return None
+    current = Candidate(cfg.gradient_checkpointing, weights, cfg.optimizer, cfg.compile, cfg.batch_size, cfg.grad_accum)
+    now = estimate(current, resolution, graphs=allowed.cuda_graphs).images_per_s
+    total = torch.cuda.get_device_properties(device).total_memory
+    try:
+        best = plan(total, resolution, cfg.batch_size * cfg.grad_accum, allowed=allowed, max_steps=cfg.max_steps)
+    except UserError:
+        return None
+    speedup = best.estimate.images_per_s / now
+    if speedup < SUGGEST_SPEEDUP:
+        return None
+    return (f"note: this GPU has memory to spare: --vram-budget {total / GIB:.0f}GiB would train {best.choice.describe()} "
+            f"at ~{best.estimate.images_per_s:.1f} img/s, an estimated {speedup:.1f}x this configuration's "
+            f"~{now:.1f} img/s (same effective batch; peak ~{best.estimate.peak_gib:.1f} GiB)")

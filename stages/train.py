@@ -32,7 +32,7 @@ from stages.device import (CudaGraphs, apply_compile, check_attention, check_com
 from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora, save_lora
 from stages.optim import FlatParams, make_optimizer
-from stages.plan import fit_vram_budget
+from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
 from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
@@ -255,6 +255,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     log = log if main else (lambda *a, **k: None)
     if cfg.vram_budget:
         cfg = fit_vram_budget(cfg, device, max(res for res, _, _ in schedule), log)  # a copy with the plan's choice
+    elif device.type == "cuda" and (note := suggest_budget(cfg, device, max(res for res, _, _ in schedule))):
+        log(note)
     if reader.manifest.bucketed:
         note_small_buckets(reader.manifest, cfg.batch_size * world, log)
     if (cfg.compile != "none" or cfg.cuda_graphs != "off") and device.type == "cuda" and (reader.manifest.bucketed or len(schedule) > 1):

@@ -221,3 +221,26 @@ def test_train_cli_budget_and_compile_need_cuda(fp32_cache, tmp_path, cli):
         proc = cli("train", "--cache", fp32_cache, "--output", tmp_path / flags[0], "--max-steps", "1", "--device", "cpu",
                    *flags, check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("c, resolution, peak, img_s", [  # bench/RESULTS.md, 2026-12-01, --cuda-graphs (the default)
+    (Candidate(True, "bf16", "adamw8bit", "none", 1, 4), 512, 5.511, 12.12),
+    (Candidate(True, "bf16", "adamw", "none", 1, 4), 512, 5.473, 12.21),
+    (Candidate(True, "bf16", "adamw8bit", "none", 4, 1), 512, 5.981, 30.856),
+    (Candidate(True, "bf16", "adamw8bit", "none", 1, 4), 1024, 5.98, 7.294),
+    (Candidate(True, "nf4", "adamw8bit", "none", 1, 4), 512, 2.395, 9.038),
+    (Candidate(True, "nf4", "adamw8bit", "none", 4, 1), 512, 3.103, 22.775),
+])
+def test_graph_estimates_reproduce_the_measurements_within_10_percent(c, resolution, peak, img_s):
+    e = estimate(c, resolution, graphs=True)
+    assert abs(e.peak_gib - peak) <= 0.1 * peak and abs(e.images_per_s - img_s) <= 0.1 * img_s, e
+
+
+def test_graphs_make_the_plan_assume_graph_speed_and_a_measured_graph_row_wins():
+    eager, graphs = Choices(), Choices(cuda_graphs=True)
+    c = Candidate(True, "bf16", "adamw8bit", "none", 1, 4)
+    assert estimate(c, 512, graphs=True).images_per_s > 8 * estimate(c, 512).images_per_s
+    row = {"resolution": 512, "micro_batch": 1, "grad_accum": 4, "checkpointing": True, "base_weights": "bf16",
+           "optimizer": "adamw8bit", "compile": "none", "cuda_graphs": True, "peak_allocated_gib": 5.0, "images_per_s": 20.0}
+    assert estimate(c, 512, [row], graphs=True).peak_measured and not estimate(c, 512, [row]).peak_measured
+    assert plan(6 * GIB, 512, 4, allowed=graphs).estimate.images_per_s > plan(6 * GIB, 512, 4, allowed=eager).estimate.images_per_s
