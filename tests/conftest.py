@@ -57,7 +57,8 @@ def fp32_cache(tmp_path_factory, tiny_model, image_folder) -> Path:
 
 def run_cli(*args, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python pipeline.py ARGS` in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "pipeline.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd or REPO, timeout=600)
     if check and proc.returncode != 0:

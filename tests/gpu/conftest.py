@@ -31,7 +31,8 @@ def require_cuda():
 def run_pipeline(*args, check: bool = True, timeout: int = 590) -> subprocess.CompletedProcess:
     """`python pipeline.py ARGS` in a fresh process from the repo root, as a user would run it. The CPU suite's
     OMP_NUM_THREADS=1 (tests/conftest.py) is dropped: quantized bases are built on the CPU, with all its cores."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run([sys.executable, str(REPO / "pipeline.py"), *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=timeout)
