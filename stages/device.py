@@ -106,7 +106,7 @@ class CudaGraphs:
     with the inputs copied into the graph's static buffers. All graphs share one memory pool.
 
     `state` lists the tensors `fn` accumulates into (gradients, loss sum): capture warms up by running `fn`
-    for real, so their values are saved first and restored after. Where capture fails (an operation that
+    for real, so their values are saved first (to host memory) and restored after. Where capture fails (an operation that
     syncs with the host or allocates outside the pool), every later call runs `fn` eagerly, and `log` says
     why once."""
 
@@ -131,7 +131,7 @@ class CudaGraphs:
 
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:
         static = {k: v.clone() for k, v in inputs.items()}
-        saved = [t.clone() for t in self.state]
+        saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
