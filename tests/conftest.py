@@ -32,6 +32,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def _sdxl_meta_unet():
+    from diffusers import UNet2DConditionModel
+
+    from stages.sdxl import SDXL_UNET_CONFIG
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SDXL_UNET_CONFIG)
+
+
+@pytest.fixture
+def sdxl_meta_unet(_sdxl_meta_unet):
+    """A fresh full-size SDXL UNet on the meta device (shapes, no weights): built once per session, copied per call."""
+    import copy
+    return lambda: copy.deepcopy(_sdxl_meta_unet)
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """6 captioned images of 80x64 (imagefolder convention: metadata.jsonl)."""
     from stages.demo import make_images

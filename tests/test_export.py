@@ -102,15 +102,10 @@ def test_kohya_names_are_the_ldm_names_comfyui_and_a1111_look_up(kohya, tiny_mod
     assert modules and modules <= accepted
 
 
-def test_full_size_sdxl_default_lora_gets_sd_scripts_names():
+def test_full_size_sdxl_default_lora_gets_sd_scripts_names(sdxl_meta_unet):
     """The reference recipe's 560 modules on the real SDXL layout, weights on the meta device."""
-    from diffusers import UNet2DConditionModel
-
     from stages.lora import attach_lora
-    from stages.sdxl import SDXL_UNET_CONFIG
-    with torch.device("meta"):
-        base = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    base, unet = sdxl_meta_unet(), sdxl_meta_unet()
     accepted = ldm_lora_names(base.state_dict(), dict(base.config))
     cfg = TrainConfig()
     attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list)

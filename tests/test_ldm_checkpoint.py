@@ -95,14 +95,11 @@ def test_unet_from_single_file(tiny, originals, offline):
     assert_same_weights(unet, originals["unet"], "unet")
 
 
-def test_full_size_sdxl_unet_keys_round_trip():
+def test_full_size_sdxl_unet_keys_round_trip(sdxl_meta_unet):
     """The config-driven UNet mapping also gives real SDXL's key layout (weights on the meta device)."""
-    from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from stages.sdxl import SDXL_UNET_CONFIG
     from tests.ldm_checkpoint import convert_unet
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = sdxl_meta_unet()
     state = unet.state_dict()
     ldm = convert_unet(state, dict(unet.config))
     for key in ("input_blocks.3.0.op.weight", "input_blocks.8.1.transformer_blocks.1.attn2.to_k.weight",

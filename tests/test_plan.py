@@ -135,12 +135,9 @@ def test_eager_checkpointing_speed_is_the_mean_of_its_runs_within_10_percent():
     assert e.images_per_s == pytest.approx(sum(runs) / len(runs), rel=0.10)
 
 
-def test_parameter_counts_match_the_sdxl_unet():
+def test_parameter_counts_match_the_sdxl_unet(sdxl_meta_unet):
     import torch
-    from diffusers import UNet2DConditionModel
-    from stages.sdxl import SDXL_UNET_CONFIG
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = sdxl_meta_unet()
     linear = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
     assert linear == LINEAR_WEIGHT_PARAMS
     assert sum(p.numel() for p in unet.parameters()) == LINEAR_WEIGHT_PARAMS + OTHER_PARAMS

@@ -17,7 +17,7 @@ from cache import CacheReader
 from stages.errors import UserError
 from stages.config import TARGET_PRESETS, parse_rank_pattern, resolve_target_modules
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora, load_into_pipeline, load_lora_weights_into, save_lora
-from stages.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
+from stages.sdxl import SDXL_SCHEDULER_CONFIG
 from stages.recipes import (Recipe, caption_dropout_mask, configure_noise_scheduler, logit_normal_timesteps,
                             make_recipe, min_snr_weights, offset_noise, stratified_timesteps)
 from cache.sampler import CacheStream, use_flipped
@@ -337,8 +337,7 @@ def test_each_variant_trains_saves_and_reloads_to_the_same_outputs(lora_type, ba
     assert max_abs_diff(probe(other.unet), ours) <= 1e-5
 
 
-def test_target_presets_resolve_to_the_documented_module_sets(base_unet):
-    from diffusers import UNet2DConditionModel
+def test_target_presets_resolve_to_the_documented_module_sets(base_unet, sdxl_meta_unet):
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from peft import LoraConfig
@@ -349,8 +348,7 @@ def test_target_presets_resolve_to_the_documented_module_sets(base_unet):
         blocks = [n for n, m in unet.named_modules() if isinstance(m, (Transformer2DModel, ResnetBlock2D))]
         return {n for n, m in unet.named_modules() if isinstance(m, kinds) and any(n.startswith(b + ".") for b in blocks)}
 
-    with torch.device("meta"):
-        sdxl = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    sdxl = sdxl_meta_unet()
     for unet in (sdxl, base_unet):
         linear, conv = in_blocks(unet, torch.nn.Linear), in_blocks(unet, torch.nn.Conv2d)
         attn = {n for n in linear if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))}

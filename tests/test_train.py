@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from cache import CacheReader
 from stages.data import decode_image, preprocess
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora
-from stages.sdxl import SDXL_UNET_CONFIG, ModelSource, load_noise_scheduler, load_unet
 from cache.sampler import CacheStream, use_flipped
 from stages.checkpoint import join_tensors, split_tensors
 from stages.config import TrainConfig
@@ -43,10 +42,8 @@ def trained(tmp_path_factory, fp32_cache):
     return out, summary
 
 
-def test_default_lora_on_full_sdxl_unet_has_23_224_320_trainable_parameters():
-    from diffusers import UNet2DConditionModel
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+def test_default_lora_on_full_sdxl_unet_has_23_224_320_trainable_parameters(sdxl_meta_unet):
+    unet = sdxl_meta_unet()
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     cfg = TrainConfig()
     params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list)
