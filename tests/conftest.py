@@ -83,9 +83,34 @@ def run_cli(*args, check: bool = True, cwd: Path | None = None) -> subprocess.Co
     return proc
 
 
+def invoke_cli(*args, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`pipeline.py ARGS` in this process through click's CliRunner: the same command line, exit code, stdout and
+    stderr as run_cli, without starting an interpreter (a traceback lands in stderr, as it would there)."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from pipeline import cli
+    before = os.getcwd()
+    os.chdir(cwd or REPO)
+    try:
+        result = CliRunner().invoke(cli, list(map(str, args)))
+    finally:
+        os.chdir(before)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    proc = subprocess.CompletedProcess(["pipeline.py", *map(str, args)], result.exit_code, result.stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline.py {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    """The CLI, in process (run_cli starts a fresh process where that is the point: kills, torchrun, environment)."""
+    return invoke_cli
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
