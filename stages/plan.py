@@ -308,6 +308,6 @@ def suggest_budget(cfg, device, resolution: int) -> str | None:
     speedup = best.estimate.images_per_s / now
     if speedup < SUGGEST_SPEEDUP:
         return None
-    return (f"note: this GPU has memory to spare: --vram-budget {total / GIB:.0f}GiB would train {best.choice.describe()} "
-            f"at ~{best.estimate.images_per_s:.1f} img/s, an estimated {speedup:.1f}x this configuration's "
+    return (f"note: this GPU could train faster: --vram-budget {total / GIB:.0f}GiB would pick {best.choice.describe()}, "
+            f"~{best.estimate.images_per_s:.1f} img/s, an estimated {speedup:.1f}x this configuration's "
             f"~{now:.1f} img/s (same effective batch; peak ~{best.estimate.peak_gib:.1f} GiB)")

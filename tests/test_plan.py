@@ -241,3 +241,23 @@ def test_graphs_make_the_plan_assume_graph_speed_and_a_measured_graph_row_wins()
            "optimizer": "adamw8bit", "compile": "none", "cuda_graphs": True, "peak_allocated_gib": 5.0, "images_per_s": 20.0}
     assert estimate(c, 512, [row], graphs=True).peak_measured and not estimate(c, 512, [row]).peak_measured
     assert plan(6 * GIB, 512, 4, allowed=graphs).estimate.images_per_s > plan(6 * GIB, 512, 4, allowed=eager).estimate.images_per_s
+
+
+def test_train_names_a_much_faster_configuration_when_the_card_has_memory_to_spare(monkeypatch):
+    import types
+
+    import torch
+
+    import stages.device
+    from stages.config import TrainConfig
+    from stages.plan import suggest_budget
+    monkeypatch.setattr(stages.device, "resolve_precision", lambda *a: torch.bfloat16)
+    card = types.SimpleNamespace(total_memory=80 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: card)
+    cuda = torch.device("cuda")
+    note = suggest_budget(TrainConfig(), cuda, 512)  # the reference recipe on an 80 GiB card
+    assert note.startswith("note: this GPU could train faster: --vram-budget 80GiB would pick ")
+    assert "no checkpointing" in note and "micro-batch 4 × grad-accum 1" in note and "x this configuration's" in note
+    fastest = TrainConfig(gradient_checkpointing=False, optimizer="adamw", compile="regional", batch_size=4, grad_accum=1)
+    assert suggest_budget(fastest, cuda, 512) is None  # already (about) the fastest: no note
+    assert suggest_budget(TrainConfig(compile="regional-graphs"), cuda, 512) is None  # not a planner option
