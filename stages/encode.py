@@ -218,12 +218,12 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     record_ids = hashlib.sha256(json.dumps([(r.key, r.caption if isinstance(r.caption, str) else None)
                                             for r in source.records]).encode()).hexdigest()
 
-    if not cfg.dry_run:  # one writer per cache: a second encode is refused before anything loads
-        held.enter_context(distributed.on_main(lock_folder, cache, "encode", log) or contextlib.nullcontext())
     if cache.exists() and not (cache / MANIFEST_NAME).exists() and not unfinished_encode(cache) \
             and (foreign := foreign_entries(cache)):
         raise UserError(f"{cache} is not a cache (it holds {_names(foreign, 3)}); encode writes only into a new or "
                         "empty folder or an existing cache: choose another --cache")
+    if not cfg.dry_run:  # one writer per cache: a second encode is refused before anything loads
+        held.enter_context(distributed.on_main(lock_folder, cache, "encode", log) or contextlib.nullcontext())
     unfinished = None if cfg.overwrite else unfinished_encode(cache)  # (processes, journal manifest)
     if unfinished and unfinished[0] != world:
         raise UserError(f"{cache} holds an unfinished encode by {unfinished[0]} process(es), this one has {world}: "
