@@ -190,9 +190,8 @@ def plan_resume(out: Path, cfg, manifest, world: int, log) -> Resume:
                         "pass one of them")
     if cfg.max_steps <= step:
         raise UserError(f"--max-steps {cfg.max_steps} is not beyond the step of {folder} ({step}): nothing to train; "
-                        f"pass a larger --max-steps to continue, or --overwrite to start over")
-    newer = [p for p in list_checkpoints(out) if checkpoint_step(p) > step and checkpoint_problem(p) is None] \
-        if out.exists() else []
+                        "pass a larger --max-steps to continue, or start over without --resume and with --overwrite")
+    newer = [p for p in list_checkpoints(out) if int(p.name.split("-", 1)[1]) > step and checkpoint_problem(p) is None]
     if newer:
         raise UserError(f"--resume {folder}: {out} holds newer checkpoints ({', '.join(p.name for p in newer)}) that "
                         "this run would replace with other states; resume latest, or move them away first")

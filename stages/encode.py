@@ -145,7 +145,7 @@ def find_stale(old: Manifest, source: Source, corrupt: list[int] = ()) -> Stalen
                 st.kept.extend(samples[rec.key])
         elif rec.key in skips:
             s = skips[rec.key]
-            # skipped for its caption (recorded without a sha256: the image was never read): unchanged while that caption is
+            # skipped for its caption (no sha256 recorded: the image was never read): unchanged while the caption is
             if s.get("caption") == caption and (s.get("sha256") == digest or check_caption(rec.caption)):
                 st.kept_skips.append(s)
             else:

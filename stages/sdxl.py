@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cache.files import default_mode
 from stages.config import DEFAULT_MODEL, RANDOM_SDXL
 from stages.errors import UserError
 
@@ -385,6 +386,8 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder)
+    for f in folder.rglob("*.safetensors"):  # safetensors writes 0600: give them the default mode, as any file
+        os.chmod(f, default_mode())
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()

@@ -291,14 +291,16 @@ def test_8_rerun_is_up_to_date_despite_a_caption_skip_and_repairs_only_a_corrupt
 # 9. Shards and LoRA files were written 0600; `train --overwrite` kept the old validation images, logs/, loss.png.
 def test_9_every_file_gets_the_umask_default_and_overwrite_removes_the_old_run(tmp_path, tiny_model, image_folder):
     cache, out = tmp_path / "cache", tmp_path / "run"
+    from stages.sdxl import build_tiny_sdxl
     umask = os.umask(0o027)  # inherited by the CLI processes
     try:
+        model = build_tiny_sdxl(tmp_path / "model")  # what the demo builds
         run_cli(*encode_args(tiny_model, image_folder, cache, "--validation-prompt", "a red circle"))
         run_cli(*train_args(cache, out, checkpoint_every=1, validate_every=1, validation_steps=2,
                             report_to="tensorboard"))
     finally:
         os.umask(umask)
-    made = [p for folder in (cache, out) for p in [folder, *folder.rglob("*")]]
+    made = [p for folder in (cache, out, model) for p in [folder, *folder.rglob("*")]]
     assert {p.suffix for p in made} >= {".safetensors", ".json", ".jsonl", ".png", ".md"}
     modes = {str(p): oct(p.stat().st_mode & 0o777) for p in made}
     assert {p: m for p, m in modes.items() if m != ("0o750" if Path(p).is_dir() else "0o640")} == {}
