@@ -284,15 +284,14 @@ def sample(prompts_file, **kwargs):
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to put the demo's model, images, cache, LoRA and samples (default: a new temporary folder).")
+              help="Where to put the demo's model, images, cache, LoRA and samples: a new or empty folder, or an earlier "
+                   "demo's (default: a new temporary folder).")
 @click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
 @run_stage
 def demo(workdir, steps):
     """End to end on CPU in about a minute: tiny model, generated images, encode, train, before/after."""
-    import tempfile
-
     from stages.demo import run_demo
-    run_demo(workdir or tempfile.mkdtemp(prefix="sdxl-lora-demo-"), steps=steps, log=click.echo)
+    run_demo(workdir, steps=steps, log=click.echo)
 
 
 # ------------------------------------------------------------------------------------------ export

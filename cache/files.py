@@ -17,10 +17,11 @@ from pathlib import Path
 TMP_SUFFIX = ".tmp"  # temporary files are `.<name>.<pid>-<random>.tmp`: hidden, and recognisable for clean-up
 
 
-def default_mode() -> int:
+def default_mode(folder: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) gets from the umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def fsync_file(path: Path) -> None:

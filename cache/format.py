@@ -119,6 +119,13 @@ class Manifest:
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
 
+    def samples_digest(self) -> str:
+        """sha256 of the samples in their order (key, caption, image hash, shape): what the training order is made
+        from, so a resumed run can tell that the cache still holds the data it was trained on."""
+        rows = [(s.key, s.caption, s.source.get("sha256"), self.shard_resolution(s.shard), self.shard_size(s.shard))
+                for s in self.samples]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["num_samples"] = self.num_samples

@@ -32,10 +32,11 @@ class CacheReader:
         for shard in self.manifest.shards:
             p = self.path / shard.file
             if not p.exists():
-                raise CacheError(f"cache {self.path} is missing shard {shard.file}")
+                raise CacheError(f"cache {self.path} is missing shard {shard.file}; rerun the encode command that made "
+                                 "the cache to repair it")
             if p.stat().st_size != shard.bytes:
-                raise CacheError(f"cache shard {p} has {p.stat().st_size} bytes, the manifest says "
-                                 f"{shard.bytes}: it is truncated or corrupt; re-encode with --overwrite")
+                raise CacheError(f"cache shard {p} has {p.stat().st_size} bytes, the manifest says {shard.bytes}: it is "
+                                 "truncated or corrupt; rerun the encode command that made the cache to repair it")
         self._handles: dict[int, object] = {}
         self.flipped = bool(m.preprocessing.get("flip"))
         self._shift = m.shift_factor or 0.0

@@ -115,7 +115,10 @@ class CacheWriter:
 
     def _write_shard(self, group, buffer: list) -> None:
         index = len(self.manifest.shards)
-        name = SHARD_PATTERN.format(index) if self.rank is None else RANK_SHARD_PATTERN.format(rank=self.rank, index=index)
+        taken, number = {s.file for s in self.manifest.shards}, index  # a repaired cache's list has gaps in its names
+        while (name := SHARD_PATTERN.format(number) if self.rank is None
+               else RANK_SHARD_PATTERN.format(rank=self.rank, index=number)) in taken:
+            number += 1
         dtype = TORCH_DTYPES[self.manifest.dtype]
         stacked = {k: torch.stack([t[k] for t, *_ in buffer]).to(torch.float32 if k in FP32_TENSORS else dtype).contiguous()
                    for k in buffer[0][0]}
@@ -138,6 +141,34 @@ class CacheWriter:
         self.manifest.save(self.folder)
         (self.folder / PROGRESS_NAME).unlink(missing_ok=True)
         return self.manifest
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in `folder` that no encode writes: a folder holding any is not a cache, and encode never writes into it."""
+    from cache.format import EMPTY_PROMPT_NAME, VALIDATION_NAME
+    from cache.lock import LOCK_NAME
+    own = {MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME, EMPTY_PROMPT_NAME, LOCK_NAME}
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name not in own and not p.match(RANK_PROGRESS_PATTERN.format("*"))
+                  and not p.match("shard-*.safetensors") and not p.match(f".*{TMP_SUFFIX}"))
+
+
+def corrupt_shards(folder: Path, manifest: Manifest) -> list[int]:
+    """Indices of the manifest's shards that are missing or fail their size or sha256."""
+    bad = []
+    for i, shard in enumerate(manifest.shards):
+        p = Path(folder) / shard.file
+        if not p.exists() or p.stat().st_size != shard.bytes or sha256_file(p) != shard.sha256:
+            bad.append(i)
+    return bad
+
+
+def drop_shards(manifest: Manifest, samples: list[SampleInfo], drop: list[int]) -> tuple[list, list]:
+    """(shards, samples) with the shards `drop` left out and `samples` (none in them) pointing at the new positions."""
+    import dataclasses
+    kept = [i for i in range(len(manifest.shards)) if i not in set(drop)]
+    position = {old: new for new, old in enumerate(kept)}
+    return [manifest.shards[i] for i in kept], [dataclasses.replace(s, shard=position[s.shard]) for s in samples]
 
 
 def remove_cache_files(folder: Path) -> None:

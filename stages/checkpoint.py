@@ -5,21 +5,29 @@
       training_state.safetensors         optimizer, lr scheduler and grad scaler tensors (no pickle)
       training_state.json                step, counters, the process layout, and the states' structure
 
-A checkpoint folder appears whole (written as .checkpoint-<step>.tmp, then renamed). Nothing random is
-stored: the data order and every draw are regenerated from (seed, position) on resume.
+A checkpoint folder appears whole (written under a temporary name unique to the writer, then renamed). Nothing
+random is stored: the data order and every draw are regenerated from (seed, position) on resume.
+training_state.json also records the run's settings ("run": what train_config.json holds), so that a resume
+can keep what must not change and record what does (plan_resume).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache.files import write_bytes_atomic, write_json_atomic
+from cache.files import TMP_SUFFIX, atomic_path, temporary_name, write_bytes_atomic, write_json_atomic
+from cache.lock import lock_folder
+from stages import distributed
+from stages.config import flag_name, parse_rank_pattern, resolve_target_modules
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, load_lora_weights_into, save_lora
+from stages.report import CARD_NAME, FALLBACK_CARD_NAME, is_ours
 
 STATE_NAME = "training_state.json"
 STATE_TENSORS_NAME = "training_state.safetensors"
@@ -54,15 +62,15 @@ def join_tensors(obj, tensors: dict):
 def save_checkpoint(out: Path, step: int, unet, states: dict, counters: dict, layout: dict) -> Path:
     """checkpoint-<step>/: the LoRA + `states` (name -> state dict: optimizer, lr scheduler, scaler) + step."""
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_name(final)
     tmp.mkdir(parents=True)
     save_lora(unet, tmp)
     tensors: dict = {}
     structure = split_tensors(states, tensors)
-    save_file(tensors, str(tmp / STATE_TENSORS_NAME))
+    with atomic_path(tmp / STATE_TENSORS_NAME) as path:  # the default file mode (safetensors alone writes 0600)
+        save_file(tensors, str(path))
     write_json_atomic(tmp / STATE_NAME, {"step": step, "counters": counters, "state": structure, **layout})
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # only ever the same step's (an unusable one that resume fell back past)
     tmp.rename(final)
     return final
 
@@ -80,11 +88,10 @@ def check_resume_layout(folder: Path, batch_size: int, world: int, log) -> None:
     random draws continue exactly. The same number of processes and --batch-size always qualifies."""
     saved = json.loads((folder / STATE_NAME).read_text())
     saved_world, saved_global = saved.get("world_size", 1), saved.get("global_batch_size")
-    if saved_world == world:
-        return
-    if saved_global == batch_size * world:
-        log(f"note: {folder} was trained by {saved_world} process(es) and resumes with {world}: the same global "
-            f"micro-batch of {saved_global}, so the same samples and random draws (equal up to float rounding)")
+    if saved_global == batch_size * world or (saved_global is None and saved_world == world):
+        if saved_world != world:
+            log(f"note: {folder} was trained by {saved_world} process(es) and resumes with {world}: the same global "
+                f"micro-batch of {saved_global}, so the same samples and random draws (equal up to float rounding)")
         return
     raise UserError(f"--resume {folder}: it was trained by {saved_world} process(es)"
                     + (f" with a global micro-batch of {saved_global} (--batch-size × processes)" if saved_global else "")
@@ -137,17 +144,150 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
             shutil.rmtree(path)
 
 
+def checkpoint_step(folder: Path) -> int:
+    return json.loads((folder / STATE_NAME).read_text())["step"]
+
+
+# ------------------------------------------------------------------------------------------ resume
+# A resume keeps these exactly: they fix the adapter's shape, the data order and the optimizer state's layout.
+# (The global micro-batch, --batch-size × processes, is check_resume_layout's.) Every other setting may change
+# (more steps, another learning rate, checkpoint cadence, validation, ...): applied, and recorded as a change.
+KEPT_ON_RESUME = ("rank", "alpha", "target_modules", "lora_type", "rank_pattern", "grad_accum", "seed", "optimizer")
+NORMALIZE = {"target_modules": lambda v: sorted(resolve_target_modules(v)), "rank_pattern": parse_rank_pattern,
+             "alpha": float}
+
+
+@dataclass
+class Resume:
+    folder: Path     # the checkpoint
+    step: int        # its optimizer step
+    recorded: dict   # the run record it was saved with ({} for checkpoints of older versions)
+    changes: dict    # setting -> [the checkpoint's value, this run's value]
+
+
+def _differs(name: str, recorded, value) -> bool:
+    norm = NORMALIZE.get(name) if recorded is not None and value is not None else None
+    return (norm(recorded) != norm(value)) if norm else recorded != value
+
+
+def _recorded_run(folder: Path) -> dict:
+    """The settings a checkpoint was trained with: its own record, else (older versions) its run's train_config.json."""
+    saved = json.loads((folder / STATE_NAME).read_text())
+    if "run" in saved:
+        return saved["run"]
+    config = folder.parent / "train_config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
+def plan_resume(out: Path, cfg, manifest, world: int, log) -> Resume:
+    """Before any model loads: the checkpoint to resume, refused where it cannot continue this run unchanged
+    (another adapter shape, data order or cache, no steps left, a newer checkpoint it would replace), and the
+    settings this run changes."""
+    folder = find_checkpoint(out, cfg.resume, log)
+    step = checkpoint_step(folder)
+    if cfg.overwrite and (cfg.resume == "latest" or folder.resolve().parent == out.resolve()):
+        raise UserError(f"--resume {cfg.resume} with --overwrite: --overwrite would delete the checkpoint to resume; "
+                        "pass one of them")
+    if cfg.max_steps <= step:
+        raise UserError(f"--max-steps {cfg.max_steps} is not beyond the step of {folder} ({step}): nothing to train; "
+                        "pass a larger --max-steps to continue, or start over without --resume and with --overwrite")
+    newer = [p for p in list_checkpoints(out) if int(p.name.split("-", 1)[1]) > step and checkpoint_problem(p) is None]
+    if newer:
+        raise UserError(f"--resume {folder}: {out} holds newer checkpoints ({', '.join(p.name for p in newer)}) that "
+                        "this run would replace with other states; resume latest, or move them away first")
+    check_resume_layout(folder, cfg.batch_size, world, log)
+    recorded = _recorded_run(folder)
+    if not recorded:
+        log(f"note: {folder} records no settings (an older version): resuming with this run's as given")
+        return Resume(folder, step, {}, {})
+    kept = [k for k in KEPT_ON_RESUME if k in recorded and _differs(k, recorded[k], getattr(cfg, k))]
+    if kept:
+        raise UserError(f"--resume: {folder} was trained with " + " ".join(f"{flag_name(k)} {recorded[k]}" for k in kept)
+                        + ", this run asks for " + " ".join(f"{flag_name(k)} {getattr(cfg, k)}" for k in kept)
+                        + ": a resume keeps the adapter's shape and the data order; pass the checkpoint's values, "
+                        "or train into another --output")
+    if recorded.get("cache_fingerprint") not in (None, manifest.fingerprint):
+        raise UserError(f"--resume: {folder} was trained from a cache encoded with other settings (fingerprint "
+                        f"{recorded['cache_fingerprint'][:12]}…, --cache {cfg.cache} has {manifest.fingerprint[:12]}…); "
+                        "resume with the cache it was trained on")
+    if recorded.get("cache_samples") not in (None, manifest.samples_digest()):
+        raise UserError(f"--resume: --cache {cfg.cache} holds other samples (or another order) than when {folder} "
+                        "was trained, which would change the data order; resume with the cache as it was, or start over")
+    changes = {k: [recorded[k], v] for k, v in asdict(cfg).items()
+               if k in recorded and k not in ("resume", "overwrite") and _differs(k, recorded[k], v)}
+    if changes:
+        log(f"resuming {folder} with changed settings (recorded in train_config.json and metrics.jsonl): "
+            + ", ".join(f"{flag_name(k)} {a} -> {b}" for k, (a, b) in changes.items()))
+    return Resume(folder, step, recorded, changes)
+
+
+def run_record(cfg, resolved: dict, manifest, resume: Resume | None) -> dict:
+    """What train_config.json and every checkpoint record of a run: its settings, what "auto" became, the cache it
+    reads, and the resumes it went through (each with the settings it changed)."""
+    resumes = resume.recorded.get("resumes", []) + [{"step": resume.step, "checkpoint": str(resume.folder),
+                                                    "changes": resume.changes}] if resume else []
+    return {**asdict(cfg), "resolved": resolved, "cache_fingerprint": manifest.fingerprint,
+            "cache_samples": manifest.samples_digest(), **({"resumes": resumes} if resumes else {})}
+
+
+def restore(resume: Resume | None, model, weight_decay: float, log) -> tuple[int, dict]:
+    """(first step, counters) of the run: a resumed checkpoint's LoRA and states loaded into `model` (train.Model)."""
+    if resume is None:
+        return 0, {"skipped_steps": 0, "bad_in_a_row": 0}
+    step, counters, states = load_checkpoint(resume.folder, model.unet)
+    model.load_states(states, weight_decay)
+    model.flat.check_views()
+    log(f"resumed from {resume.folder} at step {step}")
+    return step, counters
+
+
+def set_hyperparameters(optimizer, lr_scheduler, lr: float, weight_decay: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler states: this run's learning rate and weight decay,
+    at the schedule's position (a resume may change them: applied, never silently kept)."""
+    lr_scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        group["lr"] = lr * factor(lr_scheduler.last_epoch)  # what the scheduler's step computes: same float
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# ------------------------------------------------------------------------------------------ output folder
+RUN_FILES = (LORA_WEIGHTS_NAME, "metrics.jsonl", "train_config.json", "loss.png")  # what a run writes into --output
+RUN_GLOBS = ("checkpoint-*", f".checkpoint-*{TMP_SUFFIX}", "samples/step-*.png", "logs/events.out.tfevents.*")
+
+
+def remove_run(out: Path) -> None:
+    """Delete everything an earlier run wrote into `out` (its model card only where it is ours); other files stay."""
+    for pattern in RUN_GLOBS:
+        for p in out.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in RUN_FILES + tuple(n for n in (CARD_NAME, FALLBACK_CARD_NAME) if is_ours(out / n)):
+        (out / name).unlink(missing_ok=True)
+    for name in ("samples", "logs"):
+        if (out / name).is_dir() and not any((out / name).iterdir()):
+            (out / name).rmdir()
+
+
+def claim_output(out: Path, cfg, manifest, world: int, held: contextlib.ExitStack, log) -> Resume | None:
+    """--output for this run, before any model loads: its lock (rank 0, held until `held` closes: a second writer
+    is refused), the checkpoint to resume (plan_resume), an earlier run's outputs refused or removed (prepare_output)."""
+    held.enter_context(distributed.on_main(lock_folder, out, "train", log) or contextlib.nullcontext())
+    resume = plan_resume(out, cfg, manifest, world, log) if cfg.resume else None
+    distributed.on_main(prepare_output, out, cfg.overwrite, cfg.resume)
+    return resume
+
+
 def prepare_output(out: Path, overwrite: bool, resume: str | None) -> None:
-    """Refuse to clobber a finished LoRA or another run's checkpoints without --overwrite."""
+    """Refuse to clobber a finished LoRA or another run's checkpoints without --overwrite; with it, remove the
+    earlier run's outputs completely. Checkpoint folders a killed writer left half-written are removed too."""
     if not out.exists():
         return
+    for p in out.glob(f".checkpoint-*{TMP_SUFFIX}"):  # the lock is ours: no other writer is making them
+        shutil.rmtree(p)
     finished = (out / LORA_WEIGHTS_NAME).exists()
-    checkpoints = list(out.glob("checkpoint-*"))
+    checkpoints = list_checkpoints(out)
     if overwrite:
-        for p in checkpoints:
-            shutil.rmtree(p)
-        for name in (LORA_WEIGHTS_NAME, "metrics.jsonl", "train_config.json"):
-            (out / name).unlink(missing_ok=True)
+        remove_run(out)
     elif finished and not resume:
         raise UserError(f"{out} already holds a finished LoRA; pass --overwrite to replace it, or choose another --output")
     elif checkpoints and not resume:

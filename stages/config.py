@@ -16,6 +16,7 @@ from stages.errors import UserError
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+DEFAULT_CACHE = "./sdxl-cache"  # not ./cache: run from the repository root, that is the cache/ source package
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -178,7 +179,7 @@ class EncodeConfig:
     split: str = opt("train", "Dataset split.")
     image_column: str = opt("image", "Image column of a hub or save_to_disk dataset.")
     caption_column: str = opt("text", "Caption column of a hub, imagefolder (metadata.jsonl/csv) or save_to_disk dataset.")
-    cache: str = opt("./cache", "Cache folder to write.")
+    cache: str = opt(DEFAULT_CACHE, "Cache folder to write: a new or empty folder, or an existing cache (locked while encode writes it).")
     resolution: int | tuple[int, ...] = opt(512, "Shorter side is resized to this, then a square crop of this size; several (512,768,1024) store each image once per resolution for `train --resolution-schedule`.")
     buckets: bool = opt(False, "Aspect-ratio buckets: each image is resized and cropped to the bucket (area <= resolution², sides multiples of --bucket-step) nearest its aspect ratio, instead of a square.")
     bucket_step: int = opt(64, "With --buckets: bucket sides are multiples of this many pixels.", check="positive")
@@ -191,7 +192,7 @@ class EncodeConfig:
     device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
     num_workers: int = opt(2, "Processes decoding and preprocessing images.", check="non_negative")
     seed: int = opt(42, "Seed of --random-crop (crops are a function of seed and key).")
-    overwrite: bool = opt(False, "Replace an existing cache made with other settings.")
+    overwrite: bool = opt(False, "Replace an existing cache made with other settings (never a folder that is not a cache).")
     validation_prompt: tuple[str, ...] = opt((), "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders.")
     dry_run: bool = opt(False, "Only report what is stale in an existing cache and why; write nothing.")
 
@@ -211,8 +212,8 @@ class EncodeConfig:
 # ------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    cache: str = opt("./cache", "Cache folder written by `encode`.")
-    output: str = opt("./sdxl-naruto-lora", "Output folder for the LoRA, checkpoints and logs.")
+    cache: str = opt(DEFAULT_CACHE, "Cache folder written by `encode`.")
+    output: str = opt("./sdxl-naruto-lora", "Output folder for the LoRA, checkpoints and logs (locked while train writes it).")
     model: str | None = opt(None, "UNet source: hub id, diffusers folder or single file (default: the model recorded in the cache).")
     revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
@@ -254,11 +255,11 @@ class TrainConfig:
     validation_guidance: float = opt(5.0, "Guidance scale of validation images.", check="non_negative")
     checkpoints_total_limit: int | None = opt(None, "Keep only this many newest checkpoints (default: keep all).", check="positive")
     report_to: str = opt("none", "Also log loss, lr and grad_norm per step to a tracker: tensorboard writes OUTPUT/logs (pip install tensorboard).", choices=REPORT_TO)
-    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from.")
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from, with its adapter shape, batch, grad-accum, seed and cache; --max-steps beyond its step; changed settings such as --learning-rate are applied and recorded.")
     verify_cache: bool = opt(True, "Check every shard's sha256 before training (seconds per GB).")
     device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
     num_workers: int = opt(2, "Data-loading processes (0: in the main process).", check="non_negative")
-    overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output.")
+    overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output: its outputs are removed first.")
 
     def __post_init__(self):
         check_fields(self)

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from cache.files import default_mode
+from stages.errors import UserError
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "orange": (240, 140, 30),
           "purple": (140, 60, 190), "yellow": (235, 215, 40)}
@@ -48,19 +53,38 @@ def make_images(folder: str | Path, count: int = 12, size: tuple[int, int] = (80
 
 
 DEMO_PROMPTS = ("a red circle on a blue background", "a green square on a yellow background")
+DEMO_PARTS = {"model": "tiny-sdxl", "images": "images", "cache": "cache", "lora": "lora", "samples": "samples"}
+DEMO_MARKER = ".sdxl-lora-demo"  # in a workdir the demo made: a rerun may replace what is in it
 
 
-def run_demo(workdir: str | Path, steps: int = 30, log=print) -> dict:
-    """Tiny model + generated images -> encode -> train -> before/after images, all on CPU."""
+def check_workdir(workdir: Path) -> None:
+    """The demo replaces its own outputs, so it writes only into a new or empty folder, or one an earlier demo
+    made that holds nothing else; anything it did not create is refused, untouched."""
+    names = {p.name for p in workdir.iterdir()} if workdir.exists() else set()
+    foreign = sorted(names - set(DEMO_PARTS.values()) - {DEMO_MARKER}) if DEMO_MARKER in names else sorted(names)
+    if foreign:
+        raise UserError(f"demo --workdir {workdir} holds {', '.join(foreign[:3])}"
+                        + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                        + ", which the demo did not create: choose a new or empty folder (or leave --workdir out)")
+
+
+def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> dict:
+    """Tiny model + generated images -> encode -> train -> before/after images, all on CPU (workdir None: a new
+    temporary folder)."""
     from stages.config import EncodeConfig, SampleConfig, TrainConfig
     from stages.encode import encode
     from stages.sample import sample
     from stages.sdxl import build_tiny_sdxl
     from stages.train import train
 
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="sdxl-lora-demo-")
+        os.chmod(workdir, default_mode(folder=True))  # mkdtemp makes it 0700
     workdir = Path(workdir)
-    paths = {"model": workdir / "tiny-sdxl", "images": workdir / "images", "cache": workdir / "cache",
-             "lora": workdir / "lora", "samples": workdir / "samples"}
+    check_workdir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("made by `python pipeline.py demo`; a rerun replaces its outputs here\n")
+    paths = {name: workdir / folder for name, folder in DEMO_PARTS.items()}
     log(f"[1/5] building a tiny random-weight SDXL-architecture model in {paths['model']}")
     build_tiny_sdxl(paths["model"])
     log(f"[2/5] writing 12 captioned images to {paths['images']}")

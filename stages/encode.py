@@ -5,10 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,28 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
-from cache.writer import (CacheWriter, merge_parts, remove_cache_files, unfinished_encode, write_empty_prompt,
-                          write_validation)
+from cache.lock import lock_folder
+from cache.writer import (CacheWriter, corrupt_shards, drop_shards, foreign_entries, merge_parts, remove_cache_files,
+                          unfinished_encode, write_empty_prompt, write_validation)
 from stages import distributed
 from stages.config import EncodeConfig
 from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, nearest_bucket,
                          open_source, preprocess)
 from stages.device import resolve_device
 from stages.errors import UserError, kill_point
-from stages.sdxl import ModelSource, load_encoders
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and every weight's bytes: identifies the encoder exactly."""
-    h = hashlib.sha256()
-    config = getattr(module, "config", None)
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    location = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")  # not the model
-    config = {k: v for k, v in config.items() if k not in location}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+from stages.sdxl import ModelSource, absolute_path, load_encoders, weights_hash
 
 
 @torch.no_grad()
@@ -123,14 +112,16 @@ class Staleness:
     added: list[str]
     changed: list[str]
     removed: list[str]
+    repaired: list[str] = field(default_factory=list)  # unchanged, but stored in a corrupt shard: encoded again
 
     @property
     def up_to_date(self) -> bool:
         return not (self.todo or self.removed)
 
 
-def find_stale(old: Manifest, source: Source) -> Staleness:
-    """Compare every record's caption and image bytes (sha256) with what the manifest recorded."""
+def find_stale(old: Manifest, source: Source, corrupt: list[int] = ()) -> Staleness:
+    """Compare every record's caption and image bytes (sha256) with what the manifest recorded; samples in the
+    `corrupt` shards are encoded again."""
     samples: dict[str, list] = {}  # key -> its SampleInfo per resolution
     for s in old.samples:
         samples.setdefault(s.key, []).append(s)
@@ -144,14 +135,18 @@ def find_stale(old: Manifest, source: Source) -> Staleness:
         caption = rec.caption if isinstance(rec.caption, str) else None
         if rec.key in samples:
             s = samples[rec.key][0]
-            if s.caption == caption and s.source.get("sha256") == digest:
-                st.kept.extend(samples[rec.key])
-            else:
+            if s.caption != caption or s.source.get("sha256") != digest:
                 st.changed.append(rec.key)
                 st.todo.append(rec)
+            elif any(x.shard in corrupt for x in samples[rec.key]):
+                st.repaired.append(rec.key)
+                st.todo.append(rec)
+            else:
+                st.kept.extend(samples[rec.key])
         elif rec.key in skips:
             s = skips[rec.key]
-            if s.get("sha256") == digest and s.get("caption") == caption:
+            # skipped for its caption (no sha256 recorded: the image was never read): unchanged while the caption is
+            if s.get("caption") == caption and (s.get("sha256") == digest or check_caption(rec.caption)):
                 st.kept_skips.append(s)
             else:
                 st.changed.append(rec.key)
@@ -184,8 +179,13 @@ def _describe_difference(old: Manifest, new: Manifest) -> str:
 
 
 def encode(cfg: EncodeConfig, log=print) -> Manifest:
-    """Build (or resume, update, or confirm) the cache described by cfg; returns its manifest."""
-    manifest, parts = _encode_samples(cfg, log)
+    """Build (or resume, update, repair, or confirm) the cache described by cfg; returns its manifest."""
+    with contextlib.ExitStack() as held:  # the cache's lock, from before the encoders load until the cache is complete
+        return _encode(cfg, log, held)
+
+
+def _encode(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> Manifest:
+    manifest, parts = _encode_samples(cfg, log, held)
     if cfg.validation_prompt and manifest is not None and not cfg.dry_run and distributed.is_main():
         prompts = list(cfg.validation_prompt)
         if manifest.validation_prompts != prompts or not (Path(cfg.cache) / VALIDATION_NAME).exists():
@@ -203,7 +203,7 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
     return manifest
 
 
-def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
+def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple[Manifest | None, dict]:
     if cfg.cache_dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--cache-dtype must be fp16, bf16 or fp32, not {cfg.cache_dtype}")
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
@@ -217,6 +217,18 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         raise UserError(f"no images found in dataset {cfg.dataset}")
     record_ids = hashlib.sha256(json.dumps([(r.key, r.caption if isinstance(r.caption, str) else None)
                                             for r in source.records]).encode()).hexdigest()
+
+    if cache.exists() and not (cache / MANIFEST_NAME).exists() and not unfinished_encode(cache) \
+            and (foreign := foreign_entries(cache)):
+        raise UserError(f"{cache} is not a cache (it holds {_names(foreign, 3)}); encode writes only into a new or "
+                        "empty folder or an existing cache: choose another --cache")
+    if not cfg.dry_run:  # one writer per cache: a second encode is refused before anything loads
+        held.enter_context(distributed.on_main(lock_folder, cache, "encode", log) or contextlib.nullcontext())
+    unfinished = None if cfg.overwrite else unfinished_encode(cache)  # (processes, journal manifest)
+    if unfinished and unfinished[0] != world:
+        raise UserError(f"{cache} holds an unfinished encode by {unfinished[0]} process(es), this one has {world}: "
+                        "rerun it with the same number of processes (torchrun --nproc-per-node), "
+                        "or pass --overwrite to start over")
 
     model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     log(f"loading VAE and text encoders from {cfg.model}" + (f" (VAE: {cfg.vae})" if cfg.vae else ""))
@@ -232,7 +244,7 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
 
     manifest = Manifest(
         fingerprint=fingerprint(weights, preprocessing, cfg.cache_dtype),
-        encoder={**model.describe(), "vae": cfg.vae, "weights": weights},
+        encoder={**model.resolved().describe(), "vae": absolute_path(cfg.vae), "weights": weights},
         preprocessing=preprocessing, dtype=cfg.cache_dtype,
         scaling_factor=float(vae.config.scaling_factor),
         shift_factor=getattr(vae.config, "shift_factor", None),
@@ -241,11 +253,6 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         config={**asdict(cfg), "resolution": preprocessing["resolution"]},
     )
 
-    unfinished = None if cfg.overwrite else unfinished_encode(cache)  # (processes, journal manifest)
-    if unfinished and unfinished[0] != world:
-        raise UserError(f"{cache} holds an unfinished encode by {unfinished[0]} process(es), this one has {world}: "
-                        "rerun it with the same number of processes (torchrun --nproc-per-node), "
-                        "or pass --overwrite to start over")
     todo = source.records
     if (cache / MANIFEST_NAME).exists() and not cfg.overwrite:
         try:
@@ -259,7 +266,8 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
                 return old, parts
             raise UserError(f"{report}; a partial update is impossible: pass --overwrite to replace it, "
                             "or choose another --cache")
-        stale = find_stale(old, source)
+        corrupt = corrupt_shards(cache, old)
+        stale = find_stale(old, source, corrupt)
         if stale.up_to_date:
             if not old.samples:
                 raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
@@ -269,11 +277,18 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         log(f"cache {cache}: {len({s.key for s in stale.kept})} samples unchanged; stale: {len(stale.added)} added"
             + (f" ({_names(stale.added)})" if stale.added else "")
             + f", {len(stale.changed)} changed" + (f" ({_names(stale.changed)})" if stale.changed else "")
-            + f", {len(stale.removed)} removed" + (f" ({_names(stale.removed)})" if stale.removed else ""))
+            + f", {len(stale.removed)} removed" + (f" ({_names(stale.removed)})" if stale.removed else "")
+            + (f"; {len(stale.repaired)} to encode again from {len(corrupt)} missing or corrupt shard(s) "
+               f"({_names([old.shards[i].file for i in corrupt])})" if corrupt else ""))
         if cfg.dry_run:
             return old, parts
-        # Append-only update: kept samples stay where they are, stale ones go into new shards.
-        manifest.shards, manifest.samples, manifest.skipped = list(old.shards), stale.kept, stale.kept_skips
+        # Append-only update: kept samples stay where they are, stale ones go into new shards; corrupt shards leave
+        # the manifest (their samples are among the stale ones) and are deleted.
+        manifest.shards, manifest.samples = drop_shards(old, stale.kept, corrupt)
+        manifest.skipped = stale.kept_skips
+        if rank == 0:
+            for i in corrupt:
+                (cache / old.shards[i].file).unlink(missing_ok=True)
         manifest.validation_prompts = old.validation_prompts
         todo = stale.todo
     elif cfg.dry_run:
@@ -287,8 +302,6 @@ def _encode_samples(cfg: EncodeConfig, log) -> tuple[Manifest | None, dict]:
         if journal.get("dataset", {}).get("records_sha256") != record_ids:
             raise UserError(f"{cache} holds an unfinished encode of other data; rerun that command, "
                             "or pass --overwrite to start over")
-    elif cache.exists() and any(cache.iterdir()):
-        raise UserError(f"{cache} exists and is not a cache of this project; choose another --cache")
 
     part = {}
     if world > 1:  # torchrun: rank r encodes the r-th contiguous block of the records into its own shards

@@ -115,6 +115,10 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         f"- final loss: {_fmt(summary.get('final_loss', float('nan')))} (mean of the last "
         f"{min(10, trained) if trained else 10} steps)",
     ]
+    for resume in cfg.get("resumes", []):
+        if resume.get("changes"):
+            lines.append(f"- resumed at step {resume['step']} with changed settings: "
+                         + ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in resume["changes"].items()))
     if skipped:
         lines.append(f"- non-finite steps skipped: {skipped}")
     if summary.get("peak_gib") is not None:
@@ -163,7 +167,7 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _is_ours(path: Path) -> bool:
+def is_ours(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.readline().strip() == CARD_MARKER
@@ -174,7 +178,7 @@ def _is_ours(path: Path) -> bool:
 def card_path(out_dir: str | Path) -> Path:
     """README.md, unless a README.md we did not write is there: then MODEL_CARD.md."""
     readme = Path(out_dir) / CARD_NAME
-    return readme if not readme.exists() or _is_ours(readme) else Path(out_dir) / FALLBACK_CARD_NAME
+    return readme if not readme.exists() or is_ours(readme) else Path(out_dir) / FALLBACK_CARD_NAME
 
 
 def write_model_card(out_dir: str | Path, train_config: dict, manifest, summary: dict) -> Path:

@@ -5,6 +5,7 @@ download) and the tiny SDXL-shaped model used by the tests and the demo.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cache.files import default_mode
 from stages.config import DEFAULT_MODEL, RANDOM_SDXL
 from stages.errors import UserError
 
@@ -74,6 +76,70 @@ class ModelSource:
     def describe(self) -> dict:
         return {"model": self.model, "revision": self.revision, "variant": self.variant,
                 "model_config": self.model_config, "kind": self.kind}
+
+    def resolved(self) -> "ModelSource":
+        """The same source with local paths made absolute: what a cache records, so that `train` run from
+        another folder, or from a moved cache, finds this very model (a relative path would find another one)."""
+        return ModelSource(absolute_path(self.model), self.revision, self.variant, absolute_path(self.model_config))
+
+
+def absolute_path(path: str | None) -> str | None:
+    """An existing local path made absolute; anything else (a hub id, None) as it is."""
+    return str(Path(path).expanduser().resolve()) if path and os.path.exists(path) else path
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and every weight's bytes: identifies the encoder exactly."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    location = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")  # not the model
+    config = {k: v for k, v in config.items() if k not in location}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_model_source(encoder: dict, model: str | None = None, revision: str | None = None,
+                       variant: str | None = None, model_config: str | None = None) -> ModelSource:
+    """The model `train` uses with a cache whose manifest records `encoder`: --model if given, else the recorded one.
+
+    A recorded local model that is not where the cache says (moved, deleted, or recorded as a relative path by
+    an older version) is never looked for: the user points --model at it, and it must then hold the encoder
+    weights the cache was made with (the weight hashes the cache stores). Pointing --model elsewhere while the
+    recorded model is in place is a deliberate choice (a fine-tuned or UNet-only folder) and is not checked."""
+    recorded = ModelSource(encoder["model"], encoder.get("revision"), encoder.get("variant"), encoder.get("model_config"))
+    missing = encoder.get("kind") in ("folder", "single_file") and not (
+        os.path.isabs(recorded.model) and os.path.exists(recorded.model))
+    if model is None:
+        if missing:
+            raise UserError(f"the cache's model {recorded.model} is not there (moved or deleted, or a relative path "
+                            "of an older cache): pass --model with its location; it is checked against the encoder "
+                            "weights the cache was made with")
+        return ModelSource(recorded.model, revision or recorded.revision, variant or recorded.variant,
+                           model_config or recorded.model_config)
+    source = ModelSource(model, revision, variant, model_config)
+    if missing:
+        check_same_encoders(source, encoder)
+    return source
+
+
+def check_same_encoders(source: ModelSource, encoder: dict) -> None:
+    """Refuse `source` unless its text encoders (and VAE, without a VAE override) hash to what the cache recorded."""
+    recorded = encoder.get("weights", {})
+    try:
+        parts = load_encoders(source)
+    except UserError as e:
+        raise UserError(f"cannot check --model {source.model} against the cache's model {encoder['model']}: {e}") from e
+    names = [n for n in ("text_encoder", "text_encoder_2", "vae") if n in recorded and not (n == "vae" and encoder.get("vae"))]
+    differ = [n for n in names if weights_hash(parts[n]) != recorded[n]]
+    if differ:
+        raise UserError(f"--model {source.model} is not the cache's model {encoder['model']}: its "
+                        f"{', '.join(differ)} weights differ from the ones the cache was encoded with; point --model "
+                        "at that model, or encode a cache for this one")
+
 
 
 def _pretrained_kwargs(src: ModelSource) -> dict:
@@ -320,6 +386,8 @@ def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder)
+    for f in folder.rglob("*.safetensors"):  # safetensors writes 0600: give them the default mode, as any file
+        os.chmod(f, default_mode())
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
 from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
 from stages.sample import Validator
-from stages.sdxl import ModelSource, check_cache_fits, load_noise_scheduler, load_unet
+from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, load_noise_scheduler, load_unet
 
 
 # ------------------------------------------------------------------------------- the training step
@@ -152,11 +152,13 @@ class Model:
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
-    def load_states(self, states: dict) -> None:
+    def load_states(self, states: dict, weight_decay: float) -> None:
+        """A checkpoint's optimizer, scheduler and scaler states, then this run's learning rate and weight decay."""
         self.optimizer.load_state_dict(states["optimizer"])
         self.lr_scheduler.load_state_dict(states["lr_scheduler"])
-        if states["scaler"]:
+        if states["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(states["scaler"])
+        checkpoint.set_hyperparameters(self.optimizer, self.lr_scheduler, self.resolved["learning_rate"], weight_decay)
 
 
 def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, device, autocast_dtype, log):
@@ -178,12 +180,10 @@ def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, devi
     return unet, params, base
 
 
-def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log) -> Model:
-    enc, world = reader.manifest.encoder, distributed.world_size()
-    source = ModelSource(cfg.model or enc["model"],
-                         cfg.revision if cfg.model else (cfg.revision or enc.get("revision")),
-                         cfg.variant if cfg.model else (cfg.variant or enc.get("variant")),
-                         cfg.model_config if cfg.model else (cfg.model_config or enc.get("model_config")))
+def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log,
+                source: ModelSource | None = None) -> Model:
+    world = distributed.world_size()
+    source = source or cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     autocast_dtype = resolve_precision(cfg.mixed_precision, device)
     recipe = make_recipe(cfg.seed, cfg.batch_size * cfg.grad_accum * world, cfg.noise_offset, cfg.min_snr_gamma,
                          cfg.timestep_sampling, cfg.caption_dropout,
@@ -239,17 +239,24 @@ def train_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run stage 2; returns a summary dict (final loss, steps, seconds, peak memory, output)."""
+    with contextlib.ExitStack() as held:  # --output's lock (rank 0), from before the UNet loads to the end
+        return _train(cfg, log, held)
+
+
+def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     out = Path(cfg.output)
     check_report_to(cfg.report_to)  # a missing tracker fails now, not after the UNet is loaded
     reader = CacheReader(cfg.cache)
     if len(reader) == 0:
         raise UserError(f"cache {cfg.cache} holds no samples")
     if cfg.verify_cache and (problems := reader.verify()):
-        raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; re-encode it with --overwrite")
+        raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; rerun the encode command that made it: "
+                        "it encodes again only the samples of the corrupt shard(s)")
     schedule = resolution_stages(cfg.resolution_schedule, reader.manifest.resolutions, cfg.max_steps, cfg.cache)
     if cfg.validate_every and not reader.manifest.validation_prompts:
         raise UserError(f"--validate-every needs validation prompts in the cache: encode {reader.path} again with "
                         "--validation-prompt \"...\" (the samples stay as they are)")
+    source = cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
     main, world = distributed.is_main(), distributed.world_size()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
@@ -257,33 +264,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
         cfg = fit_vram_budget(cfg, device, max(res for res, _, _ in schedule), log)  # a copy with the plan's choice
     elif device.type == "cuda" and (note := suggest_budget(cfg, device, max(res for res, _, _ in schedule))):
         log(note)
+    resume = checkpoint.claim_output(out, cfg, reader.manifest, world, held, log)  # lock, resume plan, old outputs
     if reader.manifest.bucketed:
         note_small_buckets(reader.manifest, cfg.batch_size * world, log)
     if (cfg.compile != "none" or cfg.cuda_graphs != "off") and device.type == "cuda" and (reader.manifest.bucketed or len(schedule) > 1):
         log("note: every bucket / resolution shape is compiled or captured as a CUDA graph the first time it is "
             "seen: expect short pauses, and more memory")
-    distributed.on_main(checkpoint.prepare_output, out, cfg.overwrite, cfg.resume)
     torch.manual_seed(cfg.seed)  # LoRA initialization
-    model = setup_model(cfg, reader, device, log)
+    model = setup_model(cfg, reader, device, log, source)
 
-    start_step, counters = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
-    if cfg.resume:
-        folder = checkpoint.find_checkpoint(out, cfg.resume, log)
-        checkpoint.check_resume_layout(folder, cfg.batch_size, world, log)
-        start_step, counters, states = checkpoint.load_checkpoint(folder, model.unet)
-        model.load_states(states)
-        model.flat.check_views()
-        log(f"resumed from {folder} at step {start_step}")
+    start_step, counters = checkpoint.restore(resume, model, cfg.weight_decay, log)
     model.ddp = distributed.wrap(model.unet, device)  # None in a single process
     metrics_path = out / "metrics.jsonl"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "train_config.json", {**asdict(cfg), "resolved": model.resolved,
-                                                      "cache_fingerprint": reader.manifest.fingerprint})
+    run = checkpoint.run_record(cfg, model.resolved, reader.manifest, resume)
+    if main:  # --output exists: its lock is in it
+        write_json_atomic(out / "train_config.json", run)
         checkpoint.truncate_metrics(metrics_path, start_step)
     validator = distributed.on_main(Validator.from_cache, reader, model.source, cfg.validation_steps,
                                     cfg.validation_guidance, cfg.seed) if cfg.validate_every else None
-    layout = {"world_size": world, "global_batch_size": cfg.batch_size * world}
+    layout = {"world_size": world, "global_batch_size": cfg.batch_size * world, "run": run}
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -302,6 +301,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                    "seconds": round(now - last, 4), "images_per_s": round(per_step / max(now - last, 1e-9), 3)}
             if len(schedule) > 1:
                 row["resolution"] = stage_resolution(schedule, step)
+            if resume and resume.changes and step == start_step:  # the first step with the changed settings
+                row["resume_changes"] = resume.changes
             if device.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                 peak_gib = max(peak_gib or 0.0, row["peak_gib"])
@@ -341,7 +342,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
         + f" -> {out / LORA_WEIGHTS_NAME}")
     if main:
-        card = write_model_card(out, json.loads((out / "train_config.json").read_text()), reader.manifest, summary)
+        card = write_model_card(out, run, reader.manifest, summary)
         plotted = plot_losses(metrics_path, out / "loss.png", log)
         log(f"model card -> {card}" + (f"; loss curve -> {out / 'loss.png'}" if plotted else ""))
     distributed.barrier()  # every process returns once rank 0 has written the outputs
