@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache.files import write_bytes_atomic, write_json_atomic
+from cache.files import atomic_path, write_bytes_atomic, write_json_atomic
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, load_lora_weights_into, save_lora
 
@@ -60,7 +60,8 @@ def save_checkpoint(out: Path, step: int, unet, states: dict, counters: dict, la
     save_lora(unet, tmp)
     tensors: dict = {}
     structure = split_tensors(states, tensors)
-    save_file(tensors, str(tmp / STATE_TENSORS_NAME))
+    with atomic_path(tmp / STATE_TENSORS_NAME) as path:  # the default file mode (safetensors writes 0600)
+        save_file(tensors, str(path))
     write_json_atomic(tmp / STATE_NAME, {"step": step, "counters": counters, "state": structure, **layout})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
