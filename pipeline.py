@@ -60,6 +60,83 @@ def range_check(check: str):
     return callback
 
 
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+TRAIN_CONFIG_EXTRAS = ("resolved", "cache_fingerprint")  # what train_config.json holds beside the flags
+
+
+def read_config_file(path: str) -> dict:
+    """A TOML, YAML or JSON file of flag values -> a dict (its top level must be a table / mapping)."""
+    import json
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise click.BadParameter(f"{path}: expected a {', '.join(CONFIG_SUFFIXES)} file")
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            import yaml
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+    except Exception as e:  # a syntax error of any of the three parsers, or an unreadable file
+        raise click.BadParameter(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a table of flag = value at the top level")
+    return data
+
+
+def config_defaults(command: click.Command, data: dict, path: str) -> dict:
+    """A config file's keys (flag names: learning-rate, learning_rate or --learning-rate; no-flip = true for a
+    negative flag) -> click's default_map for `command`: the file's values become the defaults, so flags on the
+    command line override them. Unknown keys are an error that names them."""
+    names = {}  # spelling -> (parameter name, negated)
+    for param in command.params:
+        if param.name == "config":
+            continue
+        names[param.name] = (param.name, False)
+        for opt in getattr(param, "opts", []):
+            names[opt.lstrip("-").replace("-", "_")] = (param.name, False)
+        for opt in getattr(param, "secondary_opts", []):
+            names[opt.lstrip("-").replace("-", "_")] = (param.name, True)
+    ignored = TRAIN_CONFIG_EXTRAS if command.name == "train" else ()
+    unknown = [k for k in data if str(k).lstrip("-").replace("-", "_") not in names and k not in ignored]
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown key(s) {', '.join(map(str, unknown))} for `{command.name}` "
+                                 f"(keys are its flag names, see {command.name} --help)")
+    defaults = {}
+    for key, value in data.items():
+        if key in ignored or value is None:  # None: the flag's own default
+            continue
+        name, negated = names[str(key).lstrip("-").replace("-", "_")]
+        param = next(p for p in command.params if p.name == name)
+        if negated:
+            value = not value
+        if getattr(param, "multiple", False):
+            value = list(value) if isinstance(value, (list, tuple)) else [value]
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))  # e.g. resolution = [512, 768] -> "512,768"
+        defaults[name] = value
+    return defaults
+
+
+def config_file(command):
+    """`--config FILE` for a command: TOML, YAML or JSON whose keys are the command's flag names."""
+    def callback(ctx, param, value):
+        if value is not None:
+            ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, read_config_file(value), value)}
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                        callback=callback, help="A TOML, YAML or JSON file whose keys are this command's flag names "
+                        "(e.g. learning-rate = 1e-4); flags given on the command line override it. train also reads "
+                        "its own OUTPUT/train_config.json.")(command)
+
+
 OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
   --gradient-checkpointing (on by default), --batch-size 1 with a larger --grad-accum,
   --mixed-precision fp16 or bf16 (not no), --optimizer adamw8bit, a lower --rank,
@@ -112,6 +189,7 @@ def cli():
 
 
 @cli.command()
+@config_file
 @from_config(EncodeConfig, "model")
 @from_config(EncodeConfig, "revision")
 @from_config(EncodeConfig, "variant")
@@ -145,6 +223,7 @@ def encode(**kwargs):
 
 
 @cli.command()
+@config_file
 @click.argument("cache")
 @click.option("--verify", is_flag=True, help="Also check every shard's size and sha256.")
 @run_stage
@@ -167,6 +246,7 @@ def info(cache, verify):
 
 
 @cli.command()
+@config_file
 @from_config(TrainConfig, "cache")
 @from_config(TrainConfig, "output")
 @from_config(TrainConfig, "output_name")
@@ -237,6 +317,7 @@ def train(**kwargs):
 
 
 @cli.command()
+@config_file
 @from_config(BenchConfig, "model")
 @from_config(BenchConfig, "resolution")
 @from_config(BenchConfig, "batch_size")
@@ -267,6 +348,7 @@ def bench(**kwargs):
 
 
 @cli.command()
+@config_file
 @from_config(SampleConfig, "lora")
 @from_config(SampleConfig, "model")
 @from_config(SampleConfig, "prompt", multiple=True)
@@ -294,6 +376,7 @@ def sample(prompts_file, **kwargs):
 
 
 @cli.command()
+@config_file
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo's model, images, cache, LoRA and samples (default: a new temporary folder).")
 @click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
@@ -310,6 +393,7 @@ def demo(workdir, steps):
 
 
 @cli.command()
+@config_file
 @from_config(ExportConfig, "lora", required=True)
 @from_config(ExportConfig, "format")
 @from_config(ExportConfig, "out", required=True)

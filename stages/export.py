@@ -381,11 +381,31 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a deterministic header, so equal inputs give equal bytes (and equal sha256, which
+    A1111 shows): tensors and metadata sorted by name. safetensors' own writer orders the metadata by a per-process
+    hash. Layout (safetensors' format spec): header length (u64, little-endian), the JSON header padded with spaces
+    to a multiple of 8, then each tensor's little-endian bytes at its data_offsets."""
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
 def write_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        tmp.write_bytes(safetensors_bytes(state, metadata))
 
 
 def write_kohya_file(lora_file: Path, out: Path, log=print) -> Path:
