@@ -249,9 +249,11 @@ def test_huber_tends_to_mse_and_smooth_l1_to_mse_over_c():
     assert torch.allclose(conditional_loss(pred, target, "smooth_l1", c) * 1e4, mse, rtol=1e-5, atol=1e-6)
     small = torch.full((3,), 1e-6, dtype=torch.float64)  # and to 2c|d| (scaled L1) as c -> 0
     assert torch.allclose(conditional_loss(pred, target, "smooth_l1", small), 2 * (pred - target).abs(), atol=1e-5)
-    # Recipe.loss: huber with a huge c equals the reference MSE loss (the mean of per-sample means)
-    huber = Recipe(loss_type="huber").loss(pred.float(), target.float(), None, torch.full((3,), 1e4))
-    assert abs(huber.item() - Recipe().loss(pred.float(), target.float()).item()) <= 1e-4
+    # Recipe.loss: the per-sample means of the elementwise loss, weighted (min-SNR / debiased), then their mean
+    c, w = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([1.0, 0.5, 2.0])
+    huber = Recipe(loss_type="huber").loss(pred.float(), target.float(), w, c)
+    expected = (conditional_loss(pred, target, "huber", c.double()).mean(dim=(1, 2, 3)) * w.double()).mean()
+    assert abs(huber.item() - expected.item()) <= 1e-6
 
 
 def test_huber_schedules_and_debiased_weights_are_kohyas():
