@@ -171,7 +171,7 @@ def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, devi
     base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     check_cache_fits(unet.config, reader[0], reader.path)
     try:
-        params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list, cfg.lora_type, cfg.rank_pattern_dict)
+        attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list, cfg.lora_type, cfg.rank_pattern_dict)
     except ValueError as e:
         raise UserError(str(e)) from e
     if cfg.gradient_checkpointing:  # non-reentrant, no RNG state (the UNet draws none): capturable in a CUDA graph

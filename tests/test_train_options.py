@@ -3,7 +3,6 @@ the LDM names ComfyUI and A1111 look up, its values against ComfyUI's patch math
 EMA, Huber / debiased losses, LoRA+ and --block-lr, the extra optimizers' exact resume, and --config files."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
