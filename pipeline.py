@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from stages.config import (CHECKS, BenchConfig, EncodeConfig, ExportConfig, SampleConfig, TrainConfig,
-                           flag_name)
+from stages.config import (CHECKS, RUN_RECORD_EXTRAS, BenchConfig, EncodeConfig, ExportConfig, SampleConfig,
+                           TrainConfig, flag_name)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,6 +58,82 @@ def range_check(check: str):
             raise click.BadParameter(message)
         return value
     return callback
+
+
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str) -> dict:
+    """A TOML, YAML or JSON file of flag values -> a dict (its top level must be a table / mapping)."""
+    import json
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise click.BadParameter(f"{path}: expected a {', '.join(CONFIG_SUFFIXES)} file")
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        else:
+            import yaml
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+    except Exception as e:  # a syntax error of any of the three parsers, or an unreadable file
+        raise click.BadParameter(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a table of flag = value at the top level")
+    return data
+
+
+def config_defaults(command: click.Command, data: dict, path: str) -> dict:
+    """A config file's keys (flag names: learning-rate, learning_rate or --learning-rate; no-flip = true for a
+    negative flag) -> click's default_map for `command`: the file's values become the defaults, so flags on the
+    command line override them. Unknown keys are an error that names them."""
+    names = {}  # spelling -> (parameter name, negated)
+    for param in command.params:
+        if param.name == "config":
+            continue
+        names[param.name] = (param.name, False)
+        for opt in getattr(param, "opts", []):
+            names[opt.lstrip("-").replace("-", "_")] = (param.name, False)
+        for opt in getattr(param, "secondary_opts", []):
+            names[opt.lstrip("-").replace("-", "_")] = (param.name, True)
+    ignored = RUN_RECORD_EXTRAS if command.name == "train" else ()
+    unknown = [k for k in data if str(k).lstrip("-").replace("-", "_") not in names and k not in ignored]
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown key(s) {', '.join(map(str, unknown))} for `{command.name}` "
+                                 f"(keys are its flag names, see {command.name} --help)")
+    defaults = {}
+    for key, value in data.items():
+        if key in ignored or value is None:  # None: the flag's own default
+            continue
+        name, negated = names[str(key).lstrip("-").replace("-", "_")]
+        param = next(p for p in command.params if p.name == name)
+        if negated:
+            value = not value
+        if getattr(param, "multiple", False):
+            value = list(value) if isinstance(value, (list, tuple)) else [value]
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))  # e.g. resolution = [512, 768] -> "512,768"
+        defaults[name] = value
+    return defaults
+
+
+def config_file(command):
+    """`--config FILE` for a command: TOML, YAML or JSON whose keys are the command's flag names."""
+    def callback(ctx, param, value):
+        if value is not None:
+            ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, read_config_file(value), value)}
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                        callback=callback, help="A TOML, YAML or JSON file whose keys are this command's flag names "
+                        "(e.g. learning-rate = 1e-4); flags given on the command line override it. train also reads "
+                        "its own OUTPUT/train_config.json.")(command)
 
 
 OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
@@ -112,6 +188,7 @@ def cli():
 
 
 @cli.command()
+@config_file
 @from_config(EncodeConfig, "model")
 @from_config(EncodeConfig, "revision")
 @from_config(EncodeConfig, "variant")
@@ -145,6 +222,7 @@ def encode(**kwargs):
 
 
 @cli.command()
+@config_file
 @click.argument("cache")
 @click.option("--verify", is_flag=True, help="Also check every shard's size and sha256.")
 @run_stage
@@ -167,8 +245,12 @@ def info(cache, verify):
 
 
 @cli.command()
+@config_file
 @from_config(TrainConfig, "cache")
 @from_config(TrainConfig, "output")
+@from_config(TrainConfig, "output_name")
+@from_config(TrainConfig, "kohya_file", "--kohya-file/--no-kohya-file")
+@from_config(TrainConfig, "save_dtype")
 @from_config(TrainConfig, "model")
 @from_config(TrainConfig, "revision")
 @from_config(TrainConfig, "variant")
@@ -186,6 +268,8 @@ def info(cache, verify):
 @from_config(TrainConfig, "batch_size")
 @from_config(TrainConfig, "grad_accum")
 @from_config(TrainConfig, "learning_rate")
+@from_config(TrainConfig, "loraplus_lr_ratio")
+@from_config(TrainConfig, "block_lr")
 @from_config(TrainConfig, "scale_lr")
 @from_config(TrainConfig, "lr_scheduler")
 @from_config(TrainConfig, "warmup_steps")
@@ -197,8 +281,14 @@ def info(cache, verify):
 @from_config(TrainConfig, "prediction_type")
 @from_config(TrainConfig, "rescale_betas_zero_snr")
 @from_config(TrainConfig, "caption_dropout")
+@from_config(TrainConfig, "loss")
+@from_config(TrainConfig, "huber_c")
+@from_config(TrainConfig, "huber_schedule")
+@from_config(TrainConfig, "debiased_estimation")
 @from_config(TrainConfig, "optimizer")
 @from_config(TrainConfig, "weight_decay")
+@from_config(TrainConfig, "ema_decay", type=float)
+@from_config(TrainConfig, "ema_device")
 @from_config(TrainConfig, "mixed_precision")
 @from_config(TrainConfig, "base_weights")
 @from_config(TrainConfig, "attention")
@@ -226,6 +316,7 @@ def train(**kwargs):
 
 
 @cli.command()
+@config_file
 @from_config(BenchConfig, "model")
 @from_config(BenchConfig, "resolution")
 @from_config(BenchConfig, "batch_size")
@@ -256,6 +347,7 @@ def bench(**kwargs):
 
 
 @cli.command()
+@config_file
 @from_config(SampleConfig, "lora")
 @from_config(SampleConfig, "model")
 @from_config(SampleConfig, "prompt", multiple=True)
@@ -283,6 +375,7 @@ def sample(prompts_file, **kwargs):
 
 
 @cli.command()
+@config_file
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo's model, images, cache, LoRA and samples: a new or empty folder, or an earlier "
                    "demo's (default: a new temporary folder).")
@@ -298,6 +391,7 @@ def demo(workdir, steps):
 
 
 @cli.command()
+@config_file
 @from_config(ExportConfig, "lora", required=True)
 @from_config(ExportConfig, "format")
 @from_config(ExportConfig, "out", required=True)

@@ -152,7 +152,8 @@ def checkpoint_step(folder: Path) -> int:
 # A resume keeps these exactly: they fix the adapter's shape, the data order and the optimizer state's layout.
 # (The global micro-batch, --batch-size × processes, is check_resume_layout's.) Every other setting may change
 # (more steps, another learning rate, checkpoint cadence, validation, ...): applied, and recorded as a change.
-KEPT_ON_RESUME = ("rank", "alpha", "target_modules", "lora_type", "rank_pattern", "grad_accum", "seed", "optimizer")
+KEPT_ON_RESUME = ("rank", "alpha", "target_modules", "lora_type", "rank_pattern", "grad_accum", "seed", "optimizer",
+                  "loraplus_lr_ratio", "block_lr", "ema_decay")  # the adapter's shape, the data order, the states' layout
 NORMALIZE = {"target_modules": lambda v: sorted(resolve_target_modules(v)), "rank_pattern": parse_rank_pattern,
              "alpha": float}
 
@@ -241,11 +242,12 @@ def restore(resume: Resume | None, model, weight_decay: float, log) -> tuple[int
     return step, counters
 
 
-def set_hyperparameters(optimizer, lr_scheduler, lr: float, weight_decay: float) -> None:
-    """After loading a checkpoint's optimizer and scheduler states: this run's learning rate and weight decay,
-    at the schedule's position (a resume may change them: applied, never silently kept)."""
-    lr_scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+def set_hyperparameters(optimizer, lr_scheduler, lrs: list[float], weight_decay: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler states: this run's learning rate of each parameter
+    group (`lrs`: LoRA+ and --block-lr groups carry their multipliers) and weight decay, at the schedule's position
+    (a resume may change them: applied, never silently kept)."""
+    lr_scheduler.base_lrs = list(lrs)
+    for group, lr, factor in zip(optimizer.param_groups, lrs, lr_scheduler.lr_lambdas):
         group["initial_lr"], group["weight_decay"] = lr, weight_decay
         group["lr"] = lr * factor(lr_scheduler.last_epoch)  # what the scheduler's step computes: same float
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
@@ -256,12 +258,22 @@ RUN_FILES = (LORA_WEIGHTS_NAME, "metrics.jsonl", "train_config.json", "loss.png"
 RUN_GLOBS = ("checkpoint-*", f".checkpoint-*{TMP_SUFFIX}", "samples/step-*.png", "logs/events.out.tfevents.*")
 
 
+def _recorded_lora_files(out: Path) -> tuple[str, ...]:
+    """The run in out/train_config.json's other LoRA files: the raw weights beside an EMA, its kohya file(s)."""
+    try:
+        name = json.loads((out / "train_config.json").read_text()).get("output_name") or out.resolve().name
+    except (OSError, ValueError, AttributeError):
+        return ()  # no record of ours: files named like the folder may be the user's
+    return ("pytorch_lora_weights_raw.safetensors", f"{name}.safetensors", f"{name}_raw.safetensors")
+
+
 def remove_run(out: Path) -> None:
     """Delete everything an earlier run wrote into `out` (its model card only where it is ours); other files stay."""
+    recorded = _recorded_lora_files(out)
     for pattern in RUN_GLOBS:
         for p in out.glob(pattern):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for name in RUN_FILES + tuple(n for n in (CARD_NAME, FALLBACK_CARD_NAME) if is_ours(out / n)):
+    for name in RUN_FILES + recorded + tuple(n for n in (CARD_NAME, FALLBACK_CARD_NAME) if is_ours(out / n)):
         (out / name).unlink(missing_ok=True)
     for name in ("samples", "logs"):
         if (out / name).is_dir() and not any((out / name).iterdir()):

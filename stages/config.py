@@ -18,6 +18,8 @@ RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random 
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
 DEFAULT_CACHE = "./sdxl-cache"  # not ./cache: run from the repository root, that is the cache/ source package
 
+# what train_config.json records beside the flags (checkpoint.run_record); `--config` of train ignores them
+RUN_RECORD_EXTRAS = ("resolved", "cache_fingerprint", "cache_samples", "resumes")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_WEIGHTS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
@@ -25,13 +27,21 @@ QUANTIZED = ("fp8", "int8", "nf4")  # modes that replace the UNet's Linear layer
 LORA_TYPES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}  # --lora-type: display name
 COMPILE_MODES = ("none", "regional", "regional-graphs")
 CUDA_GRAPHS = ("auto", "on", "off")
-OPTIMIZERS = ("adamw8bit", "adamw")
+# --optimizer -> its default --learning-rate (adamw: the reference recipe's; prodigy: its authors' lr=1.0, the
+# step size it estimates itself; adafactor without relative step: Adam-like steps; schedule-free: its authors'
+# advice of a larger rate than with a schedule)
+DEFAULT_LEARNING_RATES = {"adamw8bit": 5e-5, "adamw": 5e-5, "prodigy": 1.0, "adafactor": 1e-4, "adamw-schedulefree": 2e-4}
+OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
+LOSSES = ("mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+EMA_DEVICES = ("same", "cpu")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified", "logit-normal")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 ATTENTIONS = ("auto", "sdpa", "xformers")
 REPORT_TO = ("none", "tensorboard")
 CACHE_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("kohya", "diffusers")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
 # diffusers.optimization.SchedulerType (tests/test_config.py checks that the two agree)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
@@ -130,6 +140,24 @@ def parse_rank_pattern(spec: str | None) -> dict[str, int]:
     return pattern
 
 
+def parse_block_lr(spec: str | None) -> dict[str, float]:
+    """`--block-lr "down_blocks.0=0.5,mid_block=1.5"` -> {"down_blocks.0": 0.5, "mid_block": 1.5}."""
+    pattern = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        try:
+            scale = float(value)
+        except ValueError:
+            scale = -1.0
+        if not name.strip() or scale <= 0:
+            raise UserError(f"--block-lr {item.strip()!r}: expected pattern=multiplier with a multiplier > 0, "
+                            "e.g. down_blocks.0=0.5")
+        pattern[name.strip()] = scale
+    return pattern
+
+
 def resolution_stages(schedule: str | None, available: list[int], max_steps: int,
                       cache: str = "the cache") -> list[tuple[int, int, int]]:
     """(resolution, first step, end step) per stage of --resolution-schedule, in optimizer steps; `available`
@@ -214,6 +242,9 @@ class EncodeConfig:
 class TrainConfig:
     cache: str = opt(DEFAULT_CACHE, "Cache folder written by `encode`.")
     output: str = opt("./sdxl-naruto-lora", "Output folder for the LoRA, checkpoints and logs (locked while train writes it).")
+    output_name: str | None = opt(None, "Name of the kohya / A1111 / ComfyUI file OUTPUT/<name>.safetensors (default: the output folder's name).")
+    kohya_file: bool = opt(True, "Also write OUTPUT/<name>.safetensors (and one per checkpoint) in the kohya / LyCORIS format that ComfyUI, A1111 and Forge load, the bytes `export --format kohya` writes.")
+    save_dtype: str = opt("fp32", "Tensor dtype of the final LoRA files (checkpoints stay fp32, so resume stays exact).", choices=SAVE_DTYPES)
     model: str | None = opt(None, "UNet source: hub id, diffusers folder or single file (default: the model recorded in the cache).")
     revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
@@ -230,7 +261,9 @@ class TrainConfig:
     vram_budget: str | None = opt(None, "GPU memory to fit, e.g. 12GiB: picks the fastest checkpointing / base weights / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, and caps this process at it (CUDA; overrides those flags).")
     batch_size: int = opt(1, "Samples per micro-batch.", check="positive")
     grad_accum: int = opt(4, "Micro-batches per optimizer step.", check="positive")
-    learning_rate: float = opt(5e-5, "Peak learning rate.", check="positive")
+    learning_rate: float | None = opt(None, "Peak learning rate (default per --optimizer: adamw, adamw8bit 5e-5; prodigy 1.0; adafactor 1e-4; adamw-schedulefree 2e-4).", check="positive")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the B (up) matrices learn at --learning-rate × this, e.g. 16 (Hayou et al. 2024; lora and dora only; default: off).", check="positive")
+    block_lr: str | None = opt(None, "Learning-rate multipliers per part of the UNet: pattern=multiplier,... where a pattern (a regex) matches whole dot-separated parts of a module path, e.g. down_blocks.0=0.5,mid_block=1.5,up_blocks.2=2; the first matching pattern wins; one matching nothing is an error.")
     scale_lr: bool = opt(False, "Under torchrun, multiply --learning-rate by the number of processes (default: use it as given).")
     lr_scheduler: str = opt("constant_with_warmup", "diffusers scheduler name.", choices=LR_SCHEDULERS)
     warmup_steps: int = opt(100, "Warmup, in optimizer steps.", check="non_negative")
@@ -242,8 +275,14 @@ class TrainConfig:
     prediction_type: str | None = opt(None, "Train the UNet to predict epsilon (the noise) or v_prediction (the velocity) (default: the model's scheduler's, epsilon for SDXL base).", choices=PREDICTION_TYPES)
     rescale_betas_zero_snr: bool = opt(False, "Rescale the noise schedule to zero terminal SNR (diffusers' rescale_betas_zero_snr; pair with --prediction-type v_prediction).")
     caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding instead of its own (0: off).", check="probability")
-    optimizer: str = opt("adamw8bit", "adamw8bit (bitsandbytes, CUDA; else falls back to adamw) or adamw.", choices=OPTIMIZERS)
-    weight_decay: float = opt(1e-2, "AdamW weight decay.", check="non_negative")
+    loss: str = opt("mse", "Loss between prediction and target: mse; huber = 2c(sqrt(d²+c²)-c); smooth_l1 = 2(sqrt(d²+c²)-c) (kohya sd-scripts' pseudo-Huber, with c per sample from --huber-schedule).", choices=LOSSES)
+    huber_c: float = opt(0.1, "The Huber / smooth-L1 threshold c (its value at t = 0 for --huber-schedule exponential, at high SNR for snr).", check="positive")
+    huber_schedule: str = opt("snr", "c per sample from its timestep: snr = (1-c)/(1+σ_t)²+c; exponential = c^(t/T); constant = c (kohya sd-scripts' schedules).", choices=HUBER_SCHEDULES)
+    debiased_estimation: bool = opt(False, "Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR capped at 1000 (kohya sd-scripts' --debiased_estimation_loss); multiplies with --min-snr-gamma.")
+    optimizer: str = opt("adamw8bit", "adamw8bit (bitsandbytes, CUDA; else falls back to adamw), adamw, prodigy (prodigyopt: estimates its step size; --learning-rate is a multiplier, 1.0), adafactor (transformers' Adafactor, relative step off, per tensor), adamw-schedulefree (schedulefree: no lr schedule; --warmup-steps is its own warmup).", choices=OPTIMIZERS)
+    weight_decay: float = opt(1e-2, "Decoupled weight decay of the optimizer.", check="non_negative")
+    ema_decay: float | None = opt(None, "Keep an exponential moving average of the LoRA weights with this decay, e.g. 0.999 (diffusers' EMAModel warm-up: min(decay, (1+s)/(10+s))); it becomes the saved LoRA and the validation images, the raw weights are saved beside as …_raw (default: off).")
+    ema_device: str = opt("same", "Where the EMA lives: same = the training device; cpu = host memory (less GPU memory, a copy per step).", choices=EMA_DEVICES)
     mixed_precision: str = opt("auto", "auto = bf16 where the GPU supports it, else fp16 + GradScaler; fp32 on CPU.", choices=PRECISIONS)
     base_weights: str = opt("auto", "How the frozen UNet is stored: auto = the compute dtype; bf16, fp16; fp8 (scaled per channel, upcast per layer); int8, nf4 (bitsandbytes, CUDA only). The LoRA trains in fp32 and loads into an ordinary pipeline either way.", choices=BASE_WEIGHTS)
     attention: str = opt("auto", "auto = xformers when installed and working on the GPU, else PyTorch SDPA.", choices=ATTENTIONS)
@@ -271,6 +310,22 @@ class TrainConfig:
             raise UserError("--target-modules: name at least one module, or a preset (attn, attn-ff, all-linear, all)")
         if self.vram_budget:
             parse_size(self.vram_budget)
+        parse_block_lr(self.block_lr)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay}: must be between 0 and 1, e.g. 0.999")
+        if self.loraplus_lr_ratio is not None and self.lora_type not in ("lora", "dora"):
+            raise UserError(f"--loraplus-lr-ratio: LoRA+ scales the B (up) matrix of lora and dora, not of --lora-type "
+                            f"{self.lora_type}")
+        if self.optimizer == "prodigy" and (self.loraplus_lr_ratio or self.block_lr):
+            raise UserError("--optimizer prodigy estimates one step size for all parameters (prodigyopt refuses "
+                            "different learning rates per group): drop --loraplus-lr-ratio / --block-lr, or choose another")
+        if self.optimizer == "adamw-schedulefree" and self.lr_scheduler not in ("constant", "constant_with_warmup"):
+            raise UserError(f"--optimizer adamw-schedulefree needs no learning-rate schedule: use --lr-scheduler "
+                            f"constant (--warmup-steps is its own warmup), not {self.lr_scheduler}")
+        if self.output_name is not None and (not self.output_name.strip() or any(c in self.output_name for c in "/\\")
+                                             or self.output_name in ("pytorch_lora_weights", ".", "..")):
+            raise UserError(f"--output-name {self.output_name!r}: give a plain file name without a folder or "
+                            "extension, other than pytorch_lora_weights")
         if self.compile == "regional-graphs" and self.cuda_graphs == "on":
             raise UserError("--compile regional-graphs makes each block its own CUDA graph: use --compile regional "
                             "with --cuda-graphs on (one graph per micro-batch), or --cuda-graphs off")
@@ -278,6 +333,21 @@ class TrainConfig:
     @property
     def target_module_list(self) -> list[str]:
         return resolve_target_modules(self.target_modules)
+
+    @property
+    def lr(self) -> float:
+        """--learning-rate, or the default of --optimizer."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.optimizer]
+
+    @property
+    def block_lr_dict(self) -> dict[str, float]:
+        return parse_block_lr(self.block_lr)
+
+    @property
+    def kohya_name(self) -> str:
+        """The kohya file's name without .safetensors: --output-name, else the output folder's name."""
+        import os
+        return self.output_name or os.path.basename(os.path.abspath(self.output))
 
     @property
     def rank_pattern_dict(self) -> dict[str, int]:

@@ -56,6 +56,14 @@ def enable_attention(unet, attention: str, device: torch.device, log) -> str:
         return "sdpa"
 
 
+def enable_checkpointing(unet) -> None:
+    """Gradient checkpointing that a CUDA graph can capture: non-reentrant, and without saving RNG state (the
+    UNet draws no random numbers)."""
+    import functools
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+        torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False))
+
+
 def check_compile(mode: str, device: torch.device) -> None:
     if mode != "none" and device.type != "cuda":
         raise UserError(f"--compile {mode} needs a CUDA GPU")

@@ -18,12 +18,32 @@ original (LDM / SGM) UNet path with `.` -> `_`, e.g. `lora_unet_input_blocks_4_1
   (Its kohya path honours per-module alphas only when they are equal across attention projections:
   the `alpha_pattern` keys it builds for to_q/k/v/out never match. A1111 and ComfyUI read each `.alpha`.)
 
+DoRA, LoHa and LoKr go into the same file in LyCORIS's key layout (`lycoris/modules/{locon,loha,lokr}.py`:
+`custom_state_dict` / the kohya wrapper), under the same module names, each with its `.alpha`:
+
+* LoHa: `….hada_w1_a` (out, r), `….hada_w1_b` (r, in·k·k), `….hada_w2_a`, `….hada_w2_b`; applied as
+  (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha/r, peft's `LoHaLayer.get_delta_weight`;
+* LoKr: `….lokr_w1` or `….lokr_w1_a/_b`, `….lokr_w2` or `….lokr_w2_a/_b`; applied as kron(w1, w2) · alpha/r
+  where a factor is decomposed, and · 1 where both are full (the loaders' rule, LyCORIS's `use_w1 and use_w2`),
+  so for a full/full module peft's alpha/r is folded into `lokr_w1` and `.alpha` is written as r;
+* DoRA: the LoRA keys plus `….dora_scale`, peft's magnitude vector shaped (out, 1[, 1, 1]): the magnitude of each
+  *output* channel (LyCORIS's `wd_on_out=True`, its default since "Use correct weight decomposition by default").
+
+Checked against the loaders' source: ComfyUI `comfy/lora.py: load_lora` (`.alpha`, `.dora_scale`, `hada_*`,
+`lokr_*` names; `calculate_weight`: LoHa alpha / w1_b.shape[0], LoKr alpha / dim only where a factor is
+decomposed), `comfy/weight_adapter/{loha,lokr,lora}.py`; A1111 `extensions-builtin/Lora/network_hada.py`,
+`network_lokr.py` (the same names and scale rule). Caveat for DoRA: ComfyUI's `weight_decompose`
+(`comfy/weight_adapter/base.py`) and A1111's `NetworkModule.apply_weight_decompose` normalise the merged weight
+per *input* channel (the older LyCORIS `wd_on_out=False` layout, dora_scale (1, in)); peft, LyCORIS's default and
+this file use output channels, so those two loaders apply a DoRA file differently from peft (export says so).
+
 `--format diffusers`: a kohya file -> `DIR/pytorch_lora_weights.safetensors` written as
 `stages.lora.save_lora` writes it (keys and `{"r", "lora_alpha", "target_modules", ...}` metadata).
 """
 from __future__ import annotations
 
 import collections
+import json
 import math
 import re
 from pathlib import Path
@@ -35,7 +55,7 @@ from cache.files import atomic_path
 from stages.config import EXPORT_FORMATS as FORMATS
 from stages.config import ExportConfig
 from stages.errors import UserError
-from stages.lora import LORA_WEIGHTS_NAME, write_lora_file
+from stages.lora import LORA_WEIGHTS_NAME, save_lora, write_lora_file
 
 # SDXL's UNet (and the tiny test model): 2 resnets per down block, 3 per up block. The LDM block
 # indices depend on it; diffusers' loader assumes the same when it maps them back.
@@ -88,7 +108,8 @@ def module_alphas(ranks: dict[str, int], config: dict | None) -> dict[str, float
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
         if r != rank:
             raise UserError(f"the LoRA metadata says rank {r} for {module} but its weights have rank {rank}")
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+        default = config["lora_alpha"] if "lora_alpha" in config else config["alpha"]  # LoHa / LoKr: alpha
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), default))
         # rsLoRA scales by alpha/sqrt(r); kohya tools always by alpha/rank.
         alphas[module] = alpha * math.sqrt(r) if config.get("use_rslora") else alpha
     return alphas
@@ -220,6 +241,82 @@ def kohya_to_peft(kohya: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return peft, ranks, alphas
 
 
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude: (out,) for Linear, (1, out, 1, 1) for Conv2d
+
+
+def ldm_name(module: str) -> str:
+    """A UNet module path -> its kohya / LyCORIS name, `lora_unet_<LDM path>`."""
+    return kohya_module_to_ldm("lora_unet_" + module.replace(".", "_"))
+
+
+def lycoris_to_kohya(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """peft LoHa / LoKr tensors (keys `<module>.hada_w1_a`, `<module>.lokr_w1`, ...) -> (LyCORIS state dict with
+    LDM module names and a float32 `.alpha` each, rank per module, alpha per module). See the module docstring."""
+    parts = LOHA_PARTS if config.get("peft_type") == "LOHA" else LOKR_PARTS
+    by_module: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, value in state.items():
+        module, _, part = key.rpartition(".")
+        if part not in parts:
+            raise UserError(f"unsupported {config.get('peft_type')} key {key}: only {', '.join(parts)} are exported "
+                            "(no Tucker / effective-conv2d factors)")
+        by_module[module][part] = value
+    from peft.utils.other import get_pattern_key
+    rank_pattern = config.get("rank_pattern") or {}
+    ranks = {m: rank_pattern.get(get_pattern_key(rank_pattern.keys(), m), config["r"]) for m in by_module}
+    alphas = module_alphas(ranks, config)
+    out: dict[str, torch.Tensor] = {}
+    for module, tensors in by_module.items():
+        name, rank, alpha = ldm_name(module), ranks[module], alphas[module]
+        decomposed = [tensors[p] for p in ("hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b") if p in tensors]
+        if any(t.shape[0] != rank for t in decomposed):
+            raise UserError(f"the LoRA metadata says rank {rank} for {module} but its weights disagree")
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:  # full/full: the loaders apply scale 1
+            tensors = {**tensors, "lokr_w1": tensors["lokr_w1"] * (alpha / rank)}
+            alpha = float(rank)
+        out.update({f"{name}.{part}": value for part, value in tensors.items()})
+        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out, ranks, alphas
+
+
+def _describe(ranks: dict[str, int], alphas: dict[str, float]) -> str:
+    r = sorted(set(ranks.values()))
+    a = sorted(set(alphas.values()))
+    return (f"{len(ranks)} modules, rank {'/'.join(map(str, r))}, alpha {'/'.join(f'{x:g}' for x in a)}")
+
+
+def kohya_state(state: dict[str, torch.Tensor], config: dict | None, log) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Our LoRA file's UNet tensors (without `unet.`) and adapter metadata -> (the kohya / LyCORIS state dict,
+    its safetensors header fields, a description for the log). Plain LoRA through `peft_to_kohya`; DoRA adds `.dora_scale`; LoHa / LoKr
+    through `lycoris_to_kohya`."""
+    peft_type = (config or {}).get("peft_type", "LORA")
+    if config is None:
+        log("warning: the LoRA file has no adapter metadata; exporting alpha = rank (scale 1, as diffusers loads it)")
+    if peft_type in ("LOHA", "LOKR"):
+        kohya, ranks, alphas = lycoris_to_kohya(state, config)
+        args = {"algo": peft_type.lower()}
+    else:
+        magnitudes = {k[: -len(MAGNITUDE) - 1]: v for k, v in state.items() if k.endswith(MAGNITUDE)}
+        peft = to_peft({k: v for k, v in state.items() if not k.endswith(MAGNITUDE)})
+        ranks = module_ranks(peft)
+        alphas = module_alphas(ranks, config)
+        kohya = peft_to_kohya(peft, alphas)
+        for module, magnitude in magnitudes.items():  # DoRA: (out, 1) / (out, 1, 1, 1), the output-channel layout
+            down = peft[f"{module}.lora_A.weight"]
+            kohya[f"{ldm_name(module)}.dora_scale"] = magnitude.reshape(-1, *[1] * (down.ndim - 1))
+        args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if magnitudes else None
+        if magnitudes:
+            log("note: DoRA's dora_scale is per output channel (peft, LyCORIS); ComfyUI and A1111/Forge normalise "
+                "per input channel, so they apply this file differently from peft and diffusers (see README)")
+    metadata = {**KOHYA_METADATA,
+                "ss_network_dim": str(collections.Counter(ranks.values()).most_common(1)[0][0]),
+                "ss_network_alpha": str(collections.Counter(alphas.values()).most_common(1)[0][0])}
+    if args:
+        metadata.update(ss_network_module="lycoris.kohya", ss_network_args=json.dumps(args))
+    return kohya, metadata, _describe(ranks, alphas)
+
+
 def adapter_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
     """Adapter metadata as `stages.lora.adapter_metadata` writes it, plus rank/alpha patterns when modules differ.
 
@@ -252,15 +349,16 @@ def read_diffusers_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | Non
         raise UserError(f"cannot read LoRA file {path}: {str(e).strip().splitlines()[0]}") from None
     if not state:
         raise UserError(f"{path} holds no tensors: not a LoRA file")
-    bad = next((k for k in state if not (k.startswith("unet.") and ".lora" in k)), None)
+    adapter_key = (".lora", *(f".{p}" for p in LOHA_PARTS + LOKR_PARTS))
+    bad = next((k for k in state if not (k.startswith("unet.") and any(a in k for a in adapter_key))), None)
     if bad is not None:
         raise UserError(f"{path} is not a diffusers UNet LoRA file (key {bad}); "
                         "a kohya file is imported with --format diffusers")
     config = None
     if isinstance(metadata, dict):
         config = {k[len("unet."):]: v for k, v in metadata.items() if k.startswith("unet.")} or None
-    if config is not None and not {"r", "lora_alpha"} <= config.keys():
-        raise UserError(f"the adapter metadata of {path} lacks r or lora_alpha")
+    if config is not None and not ("r" in config and ("lora_alpha" in config or "alpha" in config)):
+        raise UserError(f"the adapter metadata of {path} lacks r or its alpha")
     return {k[len("unet."):]: v for k, v in state.items()}, config
 
 
@@ -283,20 +381,55 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a deterministic header, so equal inputs give equal bytes (and equal sha256, which
+    A1111 shows): tensors and metadata sorted by name. safetensors' own writer orders the metadata by a per-process
+    hash. Layout (safetensors' format spec): header length (u64, little-endian), the JSON header padded with spaces
+    to a multiple of 8, then each tensor's little-endian bytes at its data_offsets."""
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
 def write_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        tmp.write_bytes(safetensors_bytes(state, metadata))
+
+
+def write_kohya_file(lora_file: Path, out: Path, log=print) -> Path:
+    """Our `pytorch_lora_weights.safetensors` -> the kohya / LyCORIS file `out` (what `export --format kohya` and
+    `train` write: the same bytes for the same input)."""
+    state, config = read_diffusers_lora(lora_file)
+    kohya, metadata, description = kohya_state(state, config, log)
+    write_kohya(kohya, {**metadata, "ss_output_name": out.stem}, out)
+    log(f"wrote kohya LoRA ({description}) to {out}")
+    return out
+
+
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --save-dtype
+
+
+def save_lora_files(unet, folder: Path, name: str, save_dtype: str = "fp32", kohya: bool = True, suffix: str = "",
+                    log=print) -> list[Path]:
+    """`train`'s LoRA files in `folder`: pytorch_lora_weights<suffix>.safetensors (diffusers) and, with `kohya`,
+    <name><suffix>.safetensors converted from it (what `export --format kohya` writes), tensors as `save_dtype`."""
+    lora = save_lora(unet, folder, SAVE_DTYPES[save_dtype], LORA_WEIGHTS_NAME.replace(".", f"{suffix}.", 1))
+    return [lora] + ([write_kohya_file(lora, Path(folder) / f"{name}{suffix}.safetensors", log)] if kohya else [])
 
 
 # -------------------------------------------------------------------------------------------- stage
-def _describe(ranks: dict[str, int], alphas: dict[str, float]) -> str:
-    r = sorted(set(ranks.values()))
-    a = sorted(set(alphas.values()))
-    return (f"{len(ranks)} modules, rank {'/'.join(map(str, r))}, alpha {'/'.join(f'{x:g}' for x in a)}")
-
-
 def export(cfg: ExportConfig, log=print) -> Path:
     """Convert cfg.lora to cfg.format at cfg.out; returns the file written."""
     if cfg.format not in FORMATS:
@@ -316,21 +449,7 @@ def export(cfg: ExportConfig, log=print) -> Path:
         if out.suffix != ".safetensors":
             raise UserError(f"--out {out} must be a .safetensors file (what A1111 / ComfyUI list)")
         refuse_existing(out, cfg.overwrite)
-        state, config = read_diffusers_lora(file)
-        if config and config.get("use_dora"):
-            raise UserError("DoRA adapters have no plain kohya LoRA equivalent")
-        if config is None:
-            log(f"warning: {file} has no adapter metadata; exporting alpha = rank (scale 1, as diffusers loads it)")
-        peft = to_peft(state)
-        ranks = module_ranks(peft)
-        alphas = module_alphas(ranks, config)
-        kohya = peft_to_kohya(peft, alphas)
-        metadata = {**KOHYA_METADATA,
-                    "ss_network_dim": str(collections.Counter(ranks.values()).most_common(1)[0][0]),
-                    "ss_network_alpha": str(collections.Counter(alphas.values()).most_common(1)[0][0])}
-        write_kohya(kohya, metadata, out)
-        log(f"wrote kohya LoRA ({_describe(ranks, alphas)}) to {out}")
-        return out
+        return write_kohya_file(file, out, log)
 
     # diffusers: import a kohya file into a LoRA folder
     if not source.exists():

@@ -83,22 +83,23 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata: dict) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` (peft keys, adapter metadata) through diffusers'
-    `save_lora_weights`, atomically: what `load_lora_weights(folder)` reads with the right alpha."""
+def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata: dict,
+                    name: str = LORA_WEIGHTS_NAME) -> Path:
+    """Write `folder/name` (peft keys, adapter metadata) through diffusers' `save_lora_weights`, atomically:
+    with the default name, what `load_lora_weights(folder)` reads with the right alpha."""
     from diffusers import StableDiffusionXLPipeline
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / LORA_WEIGHTS_NAME) as tmp:
+    with atomic_path(folder / name) as tmp:
         StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=tmp.name,
                                                     unet_lora_adapter_metadata=metadata, safe_serialization=True)
-    return folder / LORA_WEIGHTS_NAME
+    return folder / name
 
 
-def save_lora(unet, folder: str | Path) -> Path:
-    """Write the UNet's adapter as pytorch_lora_weights.safetensors (with alpha metadata) into `folder`."""
-    return write_lora_file(folder, {k: v.detach().float().cpu() for k, v in lora_state_dict(unet).items()},
-                           adapter_metadata(unet.peft_config["default"]))
+def save_lora(unet, folder: str | Path, dtype: torch.dtype = torch.float32, name: str = LORA_WEIGHTS_NAME) -> Path:
+    """Write the UNet's adapter, its tensors as `dtype`, as `name` (with alpha metadata) into `folder`."""
+    return write_lora_file(folder, {k: v.detach().to(dtype).cpu() for k, v in lora_state_dict(unet).items()},
+                           adapter_metadata(unet.peft_config["default"]), name)
 
 
 def load_lora_weights_into(unet, folder: str | Path) -> None:

@@ -277,6 +277,8 @@ def fit_vram_budget(cfg, device, resolution: int, log):
     """--vram-budget: cap this process's GPU memory at cfg.vram_budget and return a copy of the TrainConfig
     `cfg` with the fastest configuration that fits (the reason printed)."""
     from stages.device import cap_gpu_memory
+    if cfg.optimizer not in Choices.optimizer:
+        raise UserError(f"--vram-budget plans with adamw or adamw8bit, not --optimizer {cfg.optimizer}: drop one of the two")
     budget = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
     allowed = _allowed_here(cfg, device)
     chosen = plan(budget, resolution, cfg.batch_size * cfg.grad_accum, allowed=allowed, max_steps=cfg.max_steps)

@@ -1,10 +1,12 @@
 """The diffusion-training math: each micro-batch's random draws, and the recipes beyond the reference
-(offset noise, min-SNR weighting, timestep sampling, v-prediction / zero-terminal-SNR, caption dropout).
+(offset noise, min-SNR weighting, timestep sampling, v-prediction / zero-terminal-SNR, caption dropout, Huber
+losses, debiased estimation).
 Pure functions; `Recipe` applies them inside stages/train.py's compute_loss. Every draw is a pure function
 of (seed, micro-batch / step / position) through cache/sampler.py's `generator`, so resume stays exact, and
 under torchrun draws are made for the global micro-batch and then sliced."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,45 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+
+
+def debiased_weights(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights 1/sqrt(SNR) for an epsilon target, 1/(SNR + 1) for v, SNR capped at 1000.
+
+    Source: kohya sd-scripts library/custom_train_functions.py `apply_debiased_estimation` (Yu et al.,
+    "Debias the Training of Diffusion Models", 2024)."""
+    snr = torch.clamp(snr, max=1000)
+    return 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(snr)
+
+
+def huber_thresholds(timesteps: torch.Tensor, c: float, schedule: str, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The pseudo-Huber threshold of each sample from its timestep (CPU tensors; T = len(alphas_cumprod)).
+
+    Source: kohya sd-scripts library/train_util.py `get_huber_threshold_if_needed` (huber_scale 1):
+    constant c; exponential exp(-a·t) with a = -ln(c)/T, i.e. c^(t/T); snr (1 - c)/(1 + σ_t)² + c with
+    σ_t = sqrt((1 - ᾱ_t)/ᾱ_t) (Khrapov et al., "Improving Diffusion Models's Data-Corruption Resistance
+    using Scheduled Pseudo-Huber Loss", 2024)."""
+    if schedule == "exponential":
+        a = -math.log(c) / len(alphas_cumprod)
+        return torch.exp(-a * timesteps)
+    if schedule == "snr":
+        ac = torch.index_select(alphas_cumprod, 0, timesteps)
+        sigmas = ((1.0 - ac) / ac) ** 0.5
+        return (1 - c) / (1 + sigmas) ** 2 + c
+    return torch.full((len(timesteps),), c)
+
+
+def conditional_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The elementwise loss: mse (pred - target)²; huber 2c(sqrt(d² + c²) - c), which tends to d² as c -> ∞;
+    smooth_l1 2(sqrt(d² + c²) - c), which tends to d²/c. `huber_c` holds one c per sample.
+
+    Source: kohya sd-scripts library/train_util.py `conditional_loss`."""
+    if loss_type == "mse":
+        return F.mse_loss(model_pred, target, reduction="none")
+    c = huber_c.view(-1, *[1] * (model_pred.ndim - 1))
+    root = torch.sqrt((model_pred - target) ** 2 + c ** 2) - c
+    return 2 * c * root if loss_type == "huber" else 2 * root
 
 
 def stratified_timesteps(num_timesteps: int, window: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,7 +156,12 @@ class Recipe:
     timestep_sampling: str = "uniform"
     caption_dropout: float = 0.0
     empty_prompt: dict | None = None  # the cache's empty-caption embeddings, for caption dropout
+    loss_type: str = "mse"  # mse, huber, smooth_l1
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    debiased_estimation: bool = False
     _snr: torch.Tensor | None = field(default=None, repr=False)  # SNR per timestep, for min-SNR weights
+    _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)  # on the CPU, for Huber thresholds
 
     def timesteps(self, drawn, batch, num_timesteps, generator, rank_slice=None) -> torch.Tensor:
         if self.timestep_sampling == "logit-normal":
@@ -146,24 +192,41 @@ class Recipe:
         return drop_captions(prompt_embeds, pooled, drop, self.empty_prompt)
 
     def loss_weights(self, noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample loss weights (min-SNR), computed from the drawn timesteps before the forward; None: plain MSE."""
-        if self.min_snr_gamma is None:
+        """Per-sample loss weights (min-SNR × debiased estimation), computed from the drawn timesteps before the
+        forward; None: none."""
+        if self.min_snr_gamma is None and not self.debiased_estimation:
             return None
         if self._snr is None:  # once, on the CPU (later calls must not copy the schedule from the GPU)
             from diffusers.training_utils import compute_snr
             self._snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
-        return min_snr_weights(self._snr[timesteps.cpu()], self.min_snr_gamma, noise_scheduler.config.prediction_type)
+        snr, prediction_type = self._snr[timesteps.cpu()], noise_scheduler.config.prediction_type
+        weights = None if self.min_snr_gamma is None else min_snr_weights(snr, self.min_snr_gamma, prediction_type)
+        if self.debiased_estimation:
+            debiased = debiased_weights(snr, prediction_type)
+            weights = debiased if weights is None else weights * debiased
+        return weights
 
-    @staticmethod
-    def loss(model_pred, target, weights: torch.Tensor | None = None) -> torch.Tensor:
-        if weights is None:
+    def huber_thresholds(self, noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample Huber / smooth-L1 thresholds, computed on the CPU before the forward; None for mse."""
+        if self.loss_type == "mse":
+            return None
+        if self._alphas_cumprod is None:  # once: add_noise moves the scheduler's table to the device
+            self._alphas_cumprod = noise_scheduler.alphas_cumprod.detach().cpu()
+        return huber_thresholds(timesteps.cpu(), self.huber_c, self.huber_schedule, self._alphas_cumprod)
+
+    def loss(self, model_pred, target, weights: torch.Tensor | None = None,
+             huber_c: torch.Tensor | None = None) -> torch.Tensor:
+        """The micro-batch's loss: the mean over elements (mse: F.mse_loss, as the reference), or with per-sample
+        weights the weighted mean of per-sample means."""
+        if weights is None and self.loss_type == "mse":
             return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * weights).mean()
+        per_sample = conditional_loss(model_pred.float(), target.float(), self.loss_type, huber_c).mean(dim=(1, 2, 3))
+        return (per_sample if weights is None else per_sample * weights).mean()
 
 
 def make_recipe(seed: int, window: int, noise_offset: float, min_snr_gamma: float | None, timestep_sampling: str,
-                caption_dropout: float, empty_prompt, cache: str, device: torch.device) -> Recipe:
+                caption_dropout: float, empty_prompt, cache: str, device: torch.device, loss_type: str = "mse",
+                huber_c: float = 0.1, huber_schedule: str = "snr", debiased_estimation: bool = False) -> Recipe:
     """The Recipe of train's options; `empty_prompt` is CacheReader.empty_prompt() (needed for caption dropout).
     `window` = samples per optimizer step, all processes together."""
     empty = None
@@ -174,7 +237,9 @@ def make_recipe(seed: int, window: int, noise_offset: float, min_snr_gamma: floa
                             "the samples as they are)")
         empty = {k: v.to(device) for k, v in empty_prompt.items()}
     return Recipe(seed=seed, window=window, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma,
-                  timestep_sampling=timestep_sampling, caption_dropout=caption_dropout, empty_prompt=empty)
+                  timestep_sampling=timestep_sampling, caption_dropout=caption_dropout, empty_prompt=empty,
+                  loss_type=loss_type, huber_c=huber_c, huber_schedule=huber_schedule,
+                  debiased_estimation=debiased_estimation)
 
 
 def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):

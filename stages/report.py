@@ -66,11 +66,12 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
     if cfg.get("optimizer") not in (None, optimizer):
         optimizer = f"{optimizer} (asked for {cfg.get('optimizer')})"
     rank, alpha = cfg.get("rank"), cfg.get("alpha")
+    lr = cfg["learning_rate"] if cfg.get("learning_rate") is not None else resolved.get("learning_rate")  # the optimizer's default
     hyper = [
         ("LoRA rank / alpha", f"{rank} / {alpha:g} (scale alpha/rank = {alpha / rank:g})" if rank and alpha else f"{rank} / {alpha}"),
         ("target modules", f"`{cfg.get('target_modules')}`"),
         ("trainable parameters", f"{resolved['trainable_parameters']:,}" if "trainable_parameters" in resolved else "?"),
-        ("learning rate", f"{cfg.get('learning_rate'):g}" if cfg.get("learning_rate") is not None else "?"),
+        ("learning rate", f"{lr:g}" if lr is not None else "?"),
         ("LR scheduler", f"{cfg.get('lr_scheduler')}, {cfg.get('warmup_steps')} warmup steps"),
         ("steps", str(cfg.get("max_steps"))),
         ("batch", f"{cfg.get('batch_size')} × grad-accum {cfg.get('grad_accum')} = "

@@ -3,7 +3,7 @@
     CacheReader -> cache/sampler.py's order (seed, position) -> micro-batches on the device
       -> training_step: per micro-batch the random draws (draw_inputs) and forward + backward
          (diffusion_loss; one CUDA graph replay on a GPU), then clip and step the optimizer over the flat LoRA
-      -> checkpoint-N/ (stages/checkpoint.py) -> pytorch_lora_weights.safetensors
+      -> checkpoint-N/ (stages/checkpoint.py) -> pytorch_lora_weights.safetensors + OUTPUT/<name>.safetensors (kohya)
 
 Every random draw is a pure function of (seed, position): the epoch order, the per-sample flip, the latent
 sample, the noise and the timesteps, and the recipe's caption dropout, offset noise and timestep strata.
@@ -28,10 +28,11 @@ from cache.sampler import micro_batches, note_small_buckets
 from stages import checkpoint, distributed
 from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, resolution_stages, stage_resolution
 from stages.device import (CudaGraphs, apply_compile, check_attention, check_compile, enable_attention,
-                           resolve_device, resolve_precision, use_cuda_graphs)
+                           enable_checkpointing, resolve_device, resolve_precision, use_cuda_graphs)
 from stages.errors import UserError, kill_point
-from stages.lora import LORA_WEIGHTS_NAME, attach_lora, save_lora
-from stages.optim import FlatParams, make_optimizer
+from stages.lora import LORA_WEIGHTS_NAME, attach_lora
+from stages.optim import EMA, FlatGroups, load_training_states, setup_optimizer, training_states, weights_in_use
+from stages.outputs import save_final_lora, save_training_checkpoint
 from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
@@ -49,10 +50,11 @@ def draw_inputs(batch: dict, num_timesteps: int, generator: torch.Generator, rec
     latent_eps, noise, timesteps = draw_noise(mean.shape, num_timesteps, generator, rank_slice)
     timesteps = recipe.timesteps(timesteps, batch, num_timesteps, generator, rank_slice)  # uniform: as drawn
     noise = recipe.noise(noise, generator, rank_slice)  # + offset noise
-    weights = recipe.loss_weights(noise_scheduler, timesteps)  # min-SNR: per sample; else None
+    weights = recipe.loss_weights(noise_scheduler, timesteps)  # min-SNR, debiased: per sample; else None
+    huber_c = recipe.huber_thresholds(noise_scheduler, timesteps)  # --loss huber / smooth_l1: per sample; else None
     prompt_embeds, pooled = recipe.conditioning(batch)  # caption dropout: some rows -> the empty caption's
     draws = {"latent_eps": latent_eps, "noise": noise, "timesteps": timesteps,
-             **({"loss_weights": weights} if weights is not None else {})}
+             **{k: v for k, v in (("loss_weights", weights), ("huber_c", huber_c)) if v is not None}}
     pin = mean.device.type == "cuda"  # pinned: the copies do not wait for the GPU's queue
     return {"latent_mean": mean, "latent_std": batch["latent_std"].float(), "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled, "time_ids": batch["time_ids"],
@@ -70,7 +72,7 @@ def diffusion_loss(unet, noise_scheduler, x: dict[str, torch.Tensor], recipe: Re
     dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
     added = {"text_embeds": x["pooled_prompt_embeds"].to(dtype), "time_ids": x["time_ids"].to(dtype)}
     model_pred = unet(noisy_latents, x["timesteps"], x["prompt_embeds"].to(dtype), added_cond_kwargs=added).sample
-    return recipe.loss(model_pred, target, x.get("loss_weights"))  # MSE, or min-SNR weighted
+    return recipe.loss(model_pred, target, x.get("loss_weights"), x.get("huber_c"))  # MSE, or as --loss, weighted
 
 
 def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator,
@@ -106,17 +108,19 @@ def training_step(model: "Model", micro: list[dict], step: int, cfg: TrainConfig
     if model.ddp is not None:
         loss = distributed.mean_across_ranks(loss)  # the global mean: every rank logs and skips alike
     model.scaler.unscale_(model.optimizer)
-    # one flat tensor on a GPU (a few launches); per tensor on the CPU, whose fp32 norm of one long vector is less exact
-    clipped = [model.flat.param] if model.device.type == "cuda" else model.flat.params
+    # flat tensors on a GPU (a few launches); per tensor on the CPU, whose fp32 norm of one long vector is less exact
+    clipped = model.flat.flat_params if model.device.type == "cuda" else model.flat.params
     grad_norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.max_grad_norm)
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the step's one host sync
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:
         model.scaler.step(model.optimizer)
     model.scaler.update()  # with fp16, an overflow lowers the scale; otherwise a no-op
+    if model.ema is not None:
+        model.ema.update()
     model.flat.zero_grad()
     model.loss_sum.zero_()
-    lr = model.lr_scheduler.get_last_lr()[0]
+    lr = model.lr_scheduler.get_last_lr()[0] / model.flat.scales[0]  # --learning-rate's, without a group's multiplier
     model.lr_scheduler.step()
     # With a GradScaler, inf gradients while the scale calibrates are expected, not a failure.
     bad = not math.isfinite(loss_value) or (not finite and not model.scaler.is_enabled())
@@ -128,7 +132,7 @@ def training_step(model: "Model", micro: list[dict], step: int, cfg: TrainConfig
 class Model:
     unet: torch.nn.Module
     noise_scheduler: object
-    flat: FlatParams  # the LoRA parameters and gradients as views into two flat buffers
+    flat: FlatGroups  # the LoRA parameters and gradients as views into flat buffers, one pair per lr group
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     scaler: torch.amp.GradScaler
@@ -140,44 +144,43 @@ class Model:
     ddp: torch.nn.Module | None = None  # under torchrun: DistributedDataParallel around unet
     graphs: CudaGraphs | None = None  # --cuda-graphs: forward + backward replayed as CUDA graphs
     loss_sum: torch.Tensor | None = None  # the step's micro-batch losses, summed on the device
+    ema: EMA | None = None  # --ema-decay: the moving average of flat.flat_params
 
     @property
-    def params(self) -> list:  # the LoRA's tensors (views into flat.param)
+    def params(self) -> list:  # the LoRA's tensors (views into the flat buffers)
         return self.flat.params
+
+    def final_weights(self, ema: bool = True):  # in its block: schedule-free's average x, and the EMA if kept
+        return weights_in_use(self.optimizer, self.ema if ema else None)
 
     def run_micro_batch(self, x: dict, accum: int) -> None:
         forward_backward(self, self.ddp if self.ddp is not None else self.unet, x, accum)
 
-    def states(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+    def states(self) -> dict:  # optimizer, lr scheduler, grad scaler, EMA: what a checkpoint stores
+        return training_states(self.optimizer, self.lr_scheduler, self.scaler, self.ema)
 
     def load_states(self, states: dict, weight_decay: float) -> None:
-        """A checkpoint's optimizer, scheduler and scaler states, then this run's learning rate and weight decay."""
-        self.optimizer.load_state_dict(states["optimizer"])
-        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
-        if states["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(states["scaler"])
-        checkpoint.set_hyperparameters(self.optimizer, self.lr_scheduler, self.resolved["learning_rate"], weight_decay)
+        """A checkpoint's states, then this run's learning rates (per group) and weight decay, applied."""
+        this_run = [group["initial_lr"] for group in self.optimizer.param_groups]
+        load_training_states(states, self.optimizer, self.lr_scheduler, self.scaler, self.ema)
+        checkpoint.set_hyperparameters(self.optimizer, self.lr_scheduler, this_run, weight_decay)
 
 
 def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, device, autocast_dtype, log):
-    """The frozen UNet (stored as --base-weights) with the adapter attached; returns (unet, params, base info)."""
+    """The frozen UNet (as --base-weights) with the adapter attached; returns (unet, [(name, LoRA param)], base info)."""
     log(f"loading the UNet from {source.model}")
     on_cpu = cfg.base_weights in QUANTIZED  # a quantized base reaches the GPU one quantized layer at a time
     unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=torch.device("cpu") if on_cpu else device)
     base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     check_cache_fits(unet.config, reader[0], reader.path)
     try:
-        params = attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list, cfg.lora_type, cfg.rank_pattern_dict)
+        attach_lora(unet, cfg.rank, cfg.alpha, cfg.target_module_list, cfg.lora_type, cfg.rank_pattern_dict)
     except ValueError as e:
         raise UserError(str(e)) from e
-    if cfg.gradient_checkpointing:  # non-reentrant, no RNG state (the UNet draws none): capturable in a CUDA graph
-        import functools
-        unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
-            torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False))
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(unet)
     unet.to(device).train()
-    return unet, params, base
+    return unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad], base
 
 
 def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log,
@@ -186,13 +189,13 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     source = source or cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     autocast_dtype = resolve_precision(cfg.mixed_precision, device)
     recipe = make_recipe(cfg.seed, cfg.batch_size * cfg.grad_accum * world, cfg.noise_offset, cfg.min_snr_gamma,
-                         cfg.timestep_sampling, cfg.caption_dropout,
-                         reader.empty_prompt() if cfg.caption_dropout else None, cfg.cache, device)
+                         cfg.timestep_sampling, cfg.caption_dropout, reader.empty_prompt() if cfg.caption_dropout
+                         else None, cfg.cache, device, cfg.loss, cfg.huber_c, cfg.huber_schedule, cfg.debiased_estimation)
     check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
     check_attention(cfg.attention, device)
     check_compile(cfg.compile, device)
     graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log)
-    unet, params, base = _setup_unet(cfg, source, reader, device, autocast_dtype, log)
+    unet, named, base = _setup_unet(cfg, source, reader, device, autocast_dtype, log)
     noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
                                                 cfg.rescale_betas_zero_snr)
     if cfg.rescale_betas_zero_snr and noise_scheduler.config.prediction_type == "epsilon":
@@ -200,31 +203,28 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
             "nothing there; Lin et al. pair --rescale-betas-zero-snr with --prediction-type v_prediction")
     attention = enable_attention(unet, cfg.attention, device, log)
     apply_compile(unet, cfg.compile, device)
-    flat = FlatParams(params)
-    lr = cfg.learning_rate * (world if cfg.scale_lr else 1)
-    optimizer, optimizer_name = make_optimizer(cfg.optimizer, flat.param, lr, cfg.weight_decay, device, log)
-    from diffusers.optimization import get_scheduler
-    try:
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                     num_training_steps=cfg.max_steps)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"--lr-scheduler {cfg.lr_scheduler}: {e}") from e
+    lr = cfg.lr * (world if cfg.scale_lr else 1)
+    flat, optimizer, optimizer_name, lr_scheduler, ema = setup_optimizer(
+        named, cfg.optimizer, lr, cfg.weight_decay, cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps, cfg.block_lr_dict,
+        cfg.loraplus_lr_ratio, cfg.ema_decay, torch.device("cpu" if cfg.ema_device == "cpu" else device), device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for _, p in named)
     resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."), **base,
                 "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs,
                 "trainable_parameters": trainable, "effective_batch": cfg.batch_size * cfg.grad_accum * world,
                 "device": str(device), "world_size": world, "global_batch_size": cfg.batch_size * world,
-                "learning_rate": lr, "prediction_type": noise_scheduler.config.prediction_type}
+                "learning_rate": lr, "prediction_type": noise_scheduler.config.prediction_type,
+                "lr_multipliers": flat.scales}
     log(f"{LORA_TYPES[cfg.lora_type]} r{cfg.rank}/alpha{cfg.alpha:g} on {cfg.target_modules}: {trainable:,} trainable parameters; "
         f"{resolved['mixed_precision']}, base {base['base_weights']} ({base['base_bytes_after'] / 2**30:.2f} GiB), "
         f"{optimizer_name}, {attention}{', CUDA graphs' if graphs else ''}, effective batch {resolved['effective_batch']}"
         + (f" (batch {cfg.batch_size} × grad-accum {cfg.grad_accum} × {world} processes), learning rate {lr:g}"
            + (" (--scale-lr)" if cfg.scale_lr else "") if world > 1 else ""))
     model = Model(unet, noise_scheduler, flat, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved,
-                  source, recipe, loss_sum=torch.zeros((), device=device))
+                  source, recipe, loss_sum=torch.zeros((), device=device), ema=ema)
     if graphs:
-        model.graphs = CudaGraphs(lambda x: model.run_micro_batch(x, cfg.grad_accum), [flat.param.grad, model.loss_sum], log)
+        model.graphs = CudaGraphs(lambda x: model.run_micro_batch(x, cfg.grad_accum),
+                                  [*(p.grad for p in flat.flat_params), model.loss_sum], log)
     return model
 
 
@@ -283,6 +283,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     validator = distributed.on_main(Validator.from_cache, reader, model.source, cfg.validation_steps,
                                     cfg.validation_guidance, cfg.seed) if cfg.validate_every else None
     layout = {"world_size": world, "global_batch_size": cfg.batch_size * world, "run": run}
+    kohya_name = cfg.kohya_name if cfg.kohya_file else None
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -307,7 +308,8 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                 peak_gib = max(peak_gib or 0.0, row["peak_gib"])
             if validator and (step + 1) % cfg.validate_every == 0:
-                row.update(validator(model.unet, model.noise_scheduler, step + 1, out, stage_resolution(schedule, step)))
+                with model.final_weights():
+                    row.update(validator(model.unet, model.noise_scheduler, step + 1, out, stage_resolution(schedule, step)))
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tracker.log(step + 1, row)
@@ -320,15 +322,13 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                 raise UserError(f"stopped: {counters['bad_in_a_row']} non-finite steps in a row at step {step + 1} "
                                 "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
             if main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                checkpoint.save_checkpoint(out, step + 1, model.unet, model.states(), counters, layout)
-                checkpoint.prune_checkpoints(out, cfg.checkpoints_total_limit)
+                save_training_checkpoint(model, out, step + 1, counters, layout, kohya_name, cfg.checkpoints_total_limit)
             kill_point("step", step + 1)
     bar.close()
     if main:
-        save_lora(model.unet, out)
+        save_final_lora(model, out, cfg.kohya_name, cfg.save_dtype, cfg.kohya_file, log)  # the EMA if kept, …_raw beside
         if cfg.checkpoint_every:
-            checkpoint.save_checkpoint(out, cfg.max_steps, model.unet, model.states(), counters, layout)
-            checkpoint.prune_checkpoints(out, cfg.checkpoints_total_limit)
+            save_training_checkpoint(model, out, cfg.max_steps, counters, layout, kohya_name, cfg.checkpoints_total_limit)
     summary = {
         "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - start_step,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),

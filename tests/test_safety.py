@@ -306,9 +306,10 @@ def test_9_every_file_gets_the_umask_default_and_overwrite_removes_the_old_run(t
     assert {p: m for p, m in modes.items() if m != ("0o750" if Path(p).is_dir() else "0o640")} == {}
     assert (out / "samples" / "step-00002.png").exists() and list((out / "logs").glob("events.out.tfevents.*"))
     (out / "notes.txt").write_text("not the run's")
-
-    run_cli(*train_args(cache, out, max_steps=1, checkpoint_every=0, overwrite=True))
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [LORA_WEIGHTS_NAME, "README.md", "loss.png", "metrics.jsonl", "notes.txt", "train_config.json"])
+    assert (out / "run.safetensors").exists()  # the kohya file, named after the folder
+    run_cli(*train_args(cache, out, max_steps=1, checkpoint_every=0, overwrite=True, output_name="renamed"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # the old kohya file went with the old run
+        [LORA_WEIGHTS_NAME, "README.md", "loss.png", "metrics.jsonl", "notes.txt", "train_config.json",
+         "renamed.safetensors"])
     assert [r["step"] for r in metrics(out)] == [1]
     assert "validation_image" not in metrics(out)[0]
