@@ -237,6 +237,12 @@ def test_each_optimizer_resumes_bit_identically(optimizer, tmp_path, fp32_cache)
     assert any(v.abs().max() > 0 for k, v in moved.items() if "lora_B" in k)  # it trained
 
 
+def test_loraplus_and_block_lr_runs_resume_bit_identically_with_their_group_rates(tmp_path, fp32_cache):
+    # a resume re-applies this run's learning rate per parameter group: each group keeps its multiplier
+    assert_resume_is_bit_identical(fp32_cache, tmp_path / "full", tmp_path / "part", optimizer="adamw",
+                                   loraplus_lr_ratio=4.0, block_lr="down_blocks=0.5")
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_huber_tends_to_mse_and_smooth_l1_to_mse_over_c():
     from stages.recipes import Recipe, conditional_loss
