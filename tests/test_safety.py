@@ -21,7 +21,7 @@ from cache import CacheReader
 from cache.files import temporary_name
 from cache.lock import LOCK_NAME
 from stages.lora import LORA_WEIGHTS_NAME
-from tests.conftest import REPO, RESOLUTION, max_abs_diff, run_cli
+from tests.conftest import REPO, RESOLUTION, invoke_cli, max_abs_diff, run_cli  # run_cli: where a live second process is the point
 from tests.test_reliability import cache_contents
 
 
@@ -103,7 +103,7 @@ def test_1_demo_refuses_a_workdir_holding_what_it_did_not_create(tmp_path, fp32_
     (work / "lora" / "checkpoint-10").mkdir(parents=True)
     (work / "lora" / "checkpoint-10" / LORA_WEIGHTS_NAME).write_bytes(b"the user's weights")
     before = tree(work)
-    line = one_line_error(run_cli("demo", "--workdir", work, "--steps", 1, check=False))
+    line = one_line_error(invoke_cli("demo", "--workdir", work, "--steps", 1, check=False))
     assert "holds cache, lora, which the demo did not create" in line
     assert tree(work) == before and not (work / DEMO_MARKER).exists()
 
@@ -120,11 +120,11 @@ def test_1_demo_refuses_a_workdir_holding_what_it_did_not_create(tmp_path, fp32_
 # 2. `train --max-steps 10 --resume latest` with latest = checkpoint-28 trained -18 steps and overwrote checkpoint-10.
 def test_2_resume_with_max_steps_at_or_below_the_checkpoint_is_refused_untouched(tmp_path, fp32_cache):
     out = tmp_path / "run"
-    run_cli(*train_args(fp32_cache, out, max_steps=6))
+    invoke_cli(*train_args(fp32_cache, out, max_steps=6))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     before = tree(out)
     for steps in (2, 6):  # below the latest checkpoint; equal to it (rerunning a finished resume)
-        proc = run_cli(*train_args(fp32_cache, out, max_steps=steps, resume="latest"), check=False)
+        proc = invoke_cli(*train_args(fp32_cache, out, max_steps=steps, resume="latest"), check=False)
         line = one_line_error(proc)
         assert f"--max-steps {steps} is not beyond the step of {out / 'checkpoint-6'} (6)" in line
         assert "loading the UNet" not in proc.stdout
@@ -186,7 +186,7 @@ def test_5_default_cache_is_no_source_folder_and_encode_refuses_one_before_loadi
     readme = (REPO / "README.md").read_text()
     assert readme.count("| `--cache` | `./sdxl-cache` |") == 2 and not re.search(r"\./cache\b(?!-)", readme)
     package = tree(REPO / "cache")
-    proc = run_cli(*encode_args(tiny_model, image_folder, "cache", "--overwrite"), check=False, cwd=REPO)
+    proc = invoke_cli(*encode_args(tiny_model, image_folder, "cache", "--overwrite"), check=False, cwd=REPO)
     line = one_line_error(proc)
     assert "cache is not a cache (it holds __init__.py" in line and "choose another --cache" in line
     assert "loading VAE" not in proc.stdout  # refused before the encoders load
@@ -199,23 +199,23 @@ def test_6_cache_records_the_model_absolutely_and_a_moved_model_is_checked_by_ha
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     shutil.copytree(tiny_model, work / "model")
-    run_cli(*encode_args("model", image_folder, "cache"), cwd=work)  # relative paths, as typed by a user
+    invoke_cli(*encode_args("model", image_folder, "cache"), cwd=work)  # relative paths, as typed by a user
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
     assert manifest["encoder"]["model"] == str((work / "model").resolve())
     shutil.move(work / "cache", tmp_path / "moved-cache")  # the cache travels
     build_tiny_sdxl(elsewhere / "model", seed=1)  # another model at the same relative path, seen from elsewhere
     cache = tmp_path / "moved-cache"
-    ok = run_cli(*train_args(cache, "a", max_steps=1), cwd=elsewhere)
+    ok = invoke_cli(*train_args(cache, "a", max_steps=1), cwd=elsewhere)
     assert f"loading the UNet from {(work / 'model').resolve()}" in ok.stdout
 
     shutil.move(work / "model", tmp_path / "model-moved")  # now the model moves too
-    line = one_line_error(run_cli(*train_args(cache, "b", max_steps=1), check=False, cwd=elsewhere))
+    line = one_line_error(invoke_cli(*train_args(cache, "b", max_steps=1), check=False, cwd=elsewhere))
     assert f"the cache's model {(work / 'model').resolve()} is not there" in line and "--model" in line
     other = elsewhere / "model"
-    line = one_line_error(run_cli(*train_args(cache, "b", max_steps=1, model=other), check=False, cwd=elsewhere))
+    line = one_line_error(invoke_cli(*train_args(cache, "b", max_steps=1, model=other), check=False, cwd=elsewhere))
     assert f"--model {other} is not the cache's model {(work / 'model').resolve()}" in line
     assert "text_encoder, text_encoder_2, vae weights differ" in line and not (elsewhere / "b").exists()
-    found = run_cli(*train_args(cache, "b", max_steps=1, model=tmp_path / "model-moved"), cwd=elsewhere)
+    found = invoke_cli(*train_args(cache, "b", max_steps=1, model=tmp_path / "model-moved"), cwd=elsewhere)
     assert f"loading the UNet from {tmp_path / 'model-moved'}" in found.stdout
     assert (elsewhere / "b" / LORA_WEIGHTS_NAME).exists()
 
@@ -225,16 +225,16 @@ def test_6_cache_records_the_model_absolutely_and_a_moved_model_is_checked_by_ha
 def test_7_resume_refuses_shape_and_order_changes_and_applies_and_records_a_new_learning_rate(tmp_path, fp32_cache):
     out = tmp_path / "run"
     flags = dict(lr_scheduler="constant")
-    run_cli(*train_args(fp32_cache, out, max_steps=2, **flags))
+    invoke_cli(*train_args(fp32_cache, out, max_steps=2, **flags))
     same = tmp_path / "same-lr"
     shutil.copytree(out, same)
     before = tree(out)
-    proc = run_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", rank=4, seed=7, **flags), check=False)
+    proc = invoke_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", rank=4, seed=7, **flags), check=False)
     line = one_line_error(proc)
     assert "was trained with --rank 16 --seed 42, this run asks for --rank 4 --seed 7" in line
     assert "loading the UNet" not in proc.stdout and tree(out) == before
 
-    resumed = run_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", learning_rate="2e-3", **flags))
+    resumed = invoke_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", learning_rate="2e-3", **flags))
     assert "--learning-rate 0.001 -> 0.002" in resumed.stdout
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["lr"] for r in rows] == [1e-3, 1e-3, 2e-3, 2e-3]
@@ -245,12 +245,12 @@ def test_7_resume_refuses_shape_and_order_changes_and_applies_and_records_a_new_
     assert config["resumes"] == [{"step": 2, "checkpoint": str(out / "checkpoint-2"), "changes": changes}]
     assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["run"]["resumes"] == config["resumes"]
     assert "resumed at step 2 with changed settings: learning_rate 0.0010 -> 0.0020" in (out / "README.md").read_text()
-    run_cli(*train_args(fp32_cache, same, max_steps=4, resume="latest", **flags))  # the same resume at the old rate
+    invoke_cli(*train_args(fp32_cache, same, max_steps=4, resume="latest", **flags))  # the same resume at the old rate
     a, b = load_file(str(out / LORA_WEIGHTS_NAME)), load_file(str(same / LORA_WEIGHTS_NAME))
     assert max(max_abs_diff(a[k], b[k]) for k in a) > 1e-4  # the new rate was applied, not only recorded
 
     before = tree(out)
-    again = run_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", learning_rate="2e-3", **flags), check=False)
+    again = invoke_cli(*train_args(fp32_cache, out, max_steps=4, resume="latest", learning_rate="2e-3", **flags), check=False)
     assert "is not beyond the step of" in one_line_error(again) and tree(out) == before  # the card keeps its loss
 
 
@@ -261,9 +261,9 @@ def test_8_rerun_is_up_to_date_despite_a_caption_skip_and_repairs_only_a_corrupt
     (folder / "img_001.txt").unlink()  # no caption: skipped
     cache = tmp_path / "cache"
     args = encode_args(tiny_model, folder, cache)
-    run_cli(*args)
+    invoke_cli(*args)
     assert [s["key"] for s in json.loads((cache / "manifest.json").read_text())["skipped"]] == ["img_001.png"]
-    assert "is up to date (4 samples); nothing to do" in run_cli(*args).stdout
+    assert "is up to date (4 samples); nothing to do" in invoke_cli(*args).stdout
 
     reader = CacheReader(cache)
     original = {k: {n: t.clone() for n, t in v.items()} for k, v in cache_contents(cache).items()}  # not mmapped
@@ -273,7 +273,7 @@ def test_8_rerun_is_up_to_date_despite_a_caption_skip_and_repairs_only_a_corrupt
     data[-10] ^= 0xFF
     (cache / victim.file).write_bytes(bytes(data))
     intact = {s.file: (cache / s.file).read_bytes() for s in reader.manifest.shards if s.file != victim.file}
-    repaired = run_cli(*args).stdout
+    repaired = invoke_cli(*args).stdout
     assert f"2 samples unchanged; stale: 0 added, 0 changed, 0 removed; {len(held)} to encode again from 1 missing " \
            f"or corrupt shard(s) ({victim.file})" in repaired
     fixed = CacheReader(cache)
@@ -285,7 +285,7 @@ def test_8_rerun_is_up_to_date_despite_a_caption_skip_and_repairs_only_a_corrupt
     got = cache_contents(cache)
     assert got.keys() == original.keys()
     assert max(max_abs_diff(got[k][n], original[k][n]) for k in original for n in original[k]) <= 1e-5
-    assert "up to date" in run_cli(*args).stdout
+    assert "up to date" in invoke_cli(*args).stdout
 
 
 # 9. Shards and LoRA files were written 0600; `train --overwrite` kept the old validation images, logs/, loss.png.
@@ -295,8 +295,8 @@ def test_9_every_file_gets_the_umask_default_and_overwrite_removes_the_old_run(t
     umask = os.umask(0o027)  # inherited by the CLI processes
     try:
         model = build_tiny_sdxl(tmp_path / "model")  # what the demo builds
-        run_cli(*encode_args(tiny_model, image_folder, cache, "--validation-prompt", "a red circle"))
-        run_cli(*train_args(cache, out, checkpoint_every=1, validate_every=1, validation_steps=2,
+        invoke_cli(*encode_args(tiny_model, image_folder, cache, "--validation-prompt", "a red circle"))
+        invoke_cli(*train_args(cache, out, checkpoint_every=1, validate_every=1, validation_steps=2,
                             report_to="tensorboard"))
     finally:
         os.umask(umask)
@@ -307,7 +307,7 @@ def test_9_every_file_gets_the_umask_default_and_overwrite_removes_the_old_run(t
     assert (out / "samples" / "step-00002.png").exists() and list((out / "logs").glob("events.out.tfevents.*"))
     (out / "notes.txt").write_text("not the run's")
     assert (out / "run.safetensors").exists()  # the kohya file, named after the folder
-    run_cli(*train_args(cache, out, max_steps=1, checkpoint_every=0, overwrite=True, output_name="renamed"))
+    invoke_cli(*train_args(cache, out, max_steps=1, checkpoint_every=0, overwrite=True, output_name="renamed"))
     assert sorted(p.name for p in out.iterdir()) == sorted(  # the old kohya file went with the old run
         [LORA_WEIGHTS_NAME, "README.md", "loss.png", "metrics.jsonl", "notes.txt", "train_config.json",
          "renamed.safetensors"])
