@@ -3,7 +3,6 @@ fields hold the defaults and help texts. No logic here beyond wiring."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import os
 import sys
@@ -60,36 +59,41 @@ def range_check(check: str):
     return callback
 
 
-OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
-  --gradient-checkpointing (on by default), --batch-size 1 with a larger --grad-accum,
-  --mixed-precision fp16 or bf16 (not no), --optimizer adamw8bit, a lower --rank,
-  or a cache encoded at a lower --resolution. Checkpoints written so far are intact (--resume latest)."""
-
-
 def run_stage(fn):
-    """Turn the project's own errors into a one-line message and a non-zero exit, never a traceback."""
+    """The one error boundary: an expected failure (stages/errors.py: a UserError or CacheError, a full disk, a path
+    that cannot be written, out of memory, Ctrl-C) ends in one line and a non-zero exit; `--debug` shows the
+    traceback instead. Anything else is a bug, and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from cache.format import CacheError
-        from stages.errors import UserError
+        from stages.errors import failure_message, interrupted_message
         _quiet_libraries()
+        debug = click.get_current_context().find_root().params.get("debug")
         try:
             return fn(*args, **kwargs)
-        except (UserError, CacheError) as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise click.ClickException(f"disk full while writing {e.filename or 'output'}: free space and rerun the "
-                                       "same command; completed shards and earlier checkpoints are intact") from None
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if "out of memory" not in str(e).lower():
-                raise
-            raise click.ClickException(OUT_OF_MEMORY) from None
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if debug:
+                raise
+            from tqdm import tqdm
+            for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line before the message
+                bar.close()
+            click.echo(interrupted_message(fn.__name__, kwargs), err=True)
             sys.exit(130)
+        except Exception as e:
+            message = failure_message(e, fn.__name__, kwargs)
+            if message is None or debug:
+                raise
+            raise click.ClickException(message) from None
     return wrapper
+
+
+class Commands(click.Group):
+    def parse_args(self, ctx, args):
+        """Refuse an argument holding bytes that are not UTF-8 (the shell passes them through as surrogates)."""
+        for arg in args:
+            if any("\udc80" <= ch <= "\udcff" for ch in arg):
+                raise click.UsageError(f"argument {ascii(arg)} holds bytes that are not UTF-8: use UTF-8 file names "
+                                       "and text")
+        return super().parse_args(ctx, args)
 
 
 def resolutions(ctx, param, value):
@@ -103,8 +107,9 @@ def resolutions(ctx, param, value):
     return values[0] if len(values) == 1 else values
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def cli():
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show the full traceback of a failure instead of its one-line message.")
+def cli(debug):
     """Two-stage SDXL LoRA training: encode a dataset once into a cache, then train from it."""
 
 
