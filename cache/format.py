@@ -147,6 +147,8 @@ class Manifest:
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
         path = Path(folder) / MANIFEST_NAME
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise CacheError(f"cache {folder} is a file, not a cache folder: give the folder `encode --cache` wrote")
         if not Path(folder).is_dir():
             raise CacheError(f"cache folder not found: {folder}")
         if not path.exists():

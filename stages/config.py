@@ -325,8 +325,8 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------ sample
 @dataclass
 class SampleConfig:
-    lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder).")
-    model: str = opt(DEFAULT_MODEL, "Base model: hub id or local diffusers folder.")
+    lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder), or a LoRA .safetensors file (also kohya format, imported on the fly).")
+    model: str | None = opt(None, "Base model: hub id, local diffusers folder or single-file checkpoint (default: the one the LoRA was trained on, from its train_config.json; else SDXL base 1.0).")
     prompt: tuple[str, ...] = opt((), "A prompt (repeatable).")
     negative_prompt: str | None = opt(None, "Negative prompt for every image.")
     steps: int = opt(30, "Denoising steps.", check="positive")

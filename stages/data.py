@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from stages.errors import UserError
+from stages.paths import did_you_mean, looks_like_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -80,13 +81,14 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
         return _kohya_source(path)
     if path.exists():
         raise UserError(f"--dataset must be a folder or a hub dataset id, not a file: {dataset}")
-    if dataset.startswith((".", "/", "~")):
-        raise UserError(f"dataset folder not found: {dataset}")
+    if looks_like_path(dataset):
+        raise UserError(f"dataset folder not found: {dataset}{did_you_mean(dataset)}")
     import datasets
     try:
         table = datasets.load_dataset(dataset, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise UserError(f"cannot load dataset '{dataset}' (split '{split}'): {str(e).strip().splitlines()[0]}") from e
+        raise UserError(f"cannot load dataset '{dataset}' (split '{split}') from the hub, and there is no local folder "
+                        f"of that name: {str(e).strip().splitlines()[0]}") from e
     return _table_source(dataset, table, image_column, caption_column)
 
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from cache.files import default_mode
 from stages.errors import UserError
+from stages.paths import check_output_folder
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "orange": (240, 140, 30),
           "purple": (140, 60, 190), "yellow": (235, 215, 40)}
@@ -60,6 +61,7 @@ DEMO_MARKER = ".sdxl-lora-demo"  # in a workdir the demo made: a rerun may repla
 def check_workdir(workdir: Path) -> None:
     """The demo replaces its own outputs, so it writes only into a new or empty folder, or one an earlier demo
     made that holds nothing else; anything it did not create is refused, untouched."""
+    check_output_folder(str(workdir), "--workdir")
     names = {p.name for p in workdir.iterdir()} if workdir.exists() else set()
     foreign = sorted(names - set(DEMO_PARTS.values()) - {DEMO_MARKER}) if DEMO_MARKER in names else sorted(names)
     if foreign:

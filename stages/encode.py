@@ -26,7 +26,8 @@ from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption,
                          open_source, preprocess)
 from stages.device import resolve_device
 from stages.errors import UserError, kill_point
-from stages.sdxl import ModelSource, absolute_path, load_encoders, weights_hash
+from stages.paths import check_output_folder
+from stages.sdxl import ModelSource, absolute_path, check_vae, load_encoders, weights_hash
 
 
 @torch.no_grad()
@@ -211,6 +212,9 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     log = log if rank == 0 else (lambda *a, **k: None)
     cache = Path(cfg.cache)
     started = time.time()
+    model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config).check()  # paths first: nothing loads
+    check_vae(cfg.vae)
+    check_output_folder(cfg.cache, "--cache", dry_run=cfg.dry_run)
 
     source = open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column)
     if not source.records:
@@ -230,7 +234,6 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
                         "rerun it with the same number of processes (torchrun --nproc-per-node), "
                         "or pass --overwrite to start over")
 
-    model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     log(f"loading VAE and text encoders from {cfg.model}" + (f" (VAE: {cfg.vae})" if cfg.vae else ""))
     parts = load_encoders(model, cfg.vae)
     vae, tokenizers = parts["vae"], (parts["tokenizer"], parts["tokenizer_2"])

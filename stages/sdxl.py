@@ -17,6 +17,7 @@ import torch
 from cache.files import default_mode
 from stages.config import DEFAULT_MODEL, RANDOM_SDXL
 from stages.errors import UserError
+from stages.paths import did_you_mean, looks_like_path
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -69,9 +70,17 @@ class ModelSource:
             return "single_file"
         if os.path.isdir(self.model):
             return "folder"
-        if self.model.endswith(SINGLE_FILE_SUFFIXES) or self.model.startswith((".", "/", "~")):
-            raise UserError(f"model path not found: {self.model}")
+        if self.model.endswith(SINGLE_FILE_SUFFIXES) or looks_like_path(self.model):
+            raise UserError(f"model path not found: {self.model}{did_you_mean(self.model)}"
+                            + ("" if "/" not in self.model else " (a hub id has the form namespace/name)"))
         return "hub"
+
+    def check(self) -> "ModelSource":
+        """Refuse, before anything loads, a model or --model-config path that is not there (see `kind`)."""
+        kind = self.kind  # raises for a path that is not there
+        if kind != "random" and self.model_config and looks_like_path(self.model_config) and not os.path.isdir(self.model_config):
+            raise UserError(f"--model-config {self.model_config}: folder not found{did_you_mean(self.model_config)}")
+        return self
 
     def describe(self) -> dict:
         return {"model": self.model, "revision": self.revision, "variant": self.variant,
@@ -81,6 +90,12 @@ class ModelSource:
         """The same source with local paths made absolute: what a cache records, so that `train` run from
         another folder, or from a moved cache, finds this very model (a relative path would find another one)."""
         return ModelSource(absolute_path(self.model), self.revision, self.variant, absolute_path(self.model_config))
+
+
+def check_vae(vae: str | None) -> None:
+    """Refuse a --vae path that is not there before anything loads (a hub id is looked up when it loads)."""
+    if vae and looks_like_path(vae) and not os.path.exists(vae):
+        raise UserError(f"--vae {vae}: file or folder not found{did_you_mean(vae)}")
 
 
 def absolute_path(path: str | None) -> str | None:

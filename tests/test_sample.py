@@ -54,8 +54,11 @@ def test_existing_images_are_not_overwritten(trained, tiny_model, tmp_path):  # 
 
 def test_missing_and_mismatched_loras_are_clear_errors(trained, tiny_model, tmp_path):  # noqa: F811
     out, _ = trained
-    with pytest.raises(UserError, match="no pytorch_lora_weights.safetensors"):
+    with pytest.raises(UserError, match="nowhere: LoRA folder or file .* not found"):
         sample(config(tmp_path / "nowhere", tiny_model, tmp_path / "s"), **QUIET)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no pytorch_lora_weights.safetensors in .*: not a LoRA folder"):
+        sample(config(tmp_path / "empty", tiny_model, tmp_path / "s"), **QUIET)
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     tensors = load_file(str(out / LORA_WEIGHTS_NAME))
