@@ -178,6 +178,7 @@ def info(cache, verify):
 @from_config(TrainConfig, "revision")
 @from_config(TrainConfig, "variant")
 @from_config(TrainConfig, "model_config")
+@from_config(TrainConfig, "allow_other_model")
 @from_config(TrainConfig, "resolution_schedule")
 @from_config(TrainConfig, "rank")
 @from_config(TrainConfig, "alpha")

@@ -218,6 +218,7 @@ class TrainConfig:
     revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
     model_config: str | None = opt(None, "Single-file --model only: folder or hub id with its configs.")
+    allow_other_model: bool = opt(False, "Train with a --model other than the one the cache was encoded with (e.g. a fine-tune with the same VAE and text encoders); refused without it.")
     resolution_schedule: str | None = opt(None, "Train progressively through the resolutions of a multi-resolution cache: res:steps,... in optimizer steps, the last stage may omit its steps (it runs to --max-steps), e.g. 512:500,768:500,1024 (default: the cache's only resolution).")
     rank: int = opt(16, "LoRA rank r.", check="positive")
     alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank.", check="positive")

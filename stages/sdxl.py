@@ -118,13 +118,15 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def cache_model_source(encoder: dict, model: str | None = None, revision: str | None = None,
-                       variant: str | None = None, model_config: str | None = None) -> ModelSource:
+                       variant: str | None = None, model_config: str | None = None,
+                       allow_other: bool = False) -> ModelSource:
     """The model `train` uses with a cache whose manifest records `encoder`: --model if given, else the recorded one.
 
     A recorded local model that is not where the cache says (moved, deleted, or recorded as a relative path by
     an older version) is never looked for: the user points --model at it, and it must then hold the encoder
-    weights the cache was made with (the weight hashes the cache stores). Pointing --model elsewhere while the
-    recorded model is in place is a deliberate choice (a fine-tuned or UNet-only folder) and is not checked."""
+    weights the cache was made with (the weight hashes the cache stores). A --model other than the recorded one
+    while that is in place (a fine-tune, a UNet-only folder) is refused unless `allow_other` (--allow-other-model):
+    the cache's latents and embeddings come from the recorded model's VAE and text encoders."""
     recorded = ModelSource(encoder["model"], encoder.get("revision"), encoder.get("variant"), encoder.get("model_config"))
     missing = encoder.get("kind") in ("folder", "single_file") and not (
         os.path.isabs(recorded.model) and os.path.exists(recorded.model))
@@ -135,10 +137,45 @@ def cache_model_source(encoder: dict, model: str | None = None, revision: str | 
                             "weights the cache was made with")
         return ModelSource(recorded.model, revision or recorded.revision, variant or recorded.variant,
                            model_config or recorded.model_config)
-    source = ModelSource(model, revision, variant, model_config)
-    if missing:
+    source = ModelSource(model, revision, variant, model_config).check()
+    same = absolute_path(source.model) == absolute_path(recorded.model) and (revision or recorded.revision) == recorded.revision
+    if missing and not allow_other:
         check_same_encoders(source, encoder)
+    elif not (same or missing or allow_other):
+        raise UserError(f"--model {model} is not the model the cache was encoded with ({recorded.model}"
+                        + (f", revision {recorded.revision}" if recorded.revision else "") + "): its latents and text "
+                        "embeddings come from that model's VAE and text encoders; leave --model out, encode a cache "
+                        "with this model, or pass --allow-other-model (e.g. a fine-tune of it with the same encoders)")
     return source
+
+
+def unet_layers(source: ModelSource) -> dict[str, str]:
+    """Every module of the source's UNet (path -> class name), built from its config on the meta device: no
+    weights are read. Where the config cannot be read without a download, SDXL base's bundled one."""
+    from diffusers import UNet2DConditionModel
+    try:
+        config = unet_config(source)
+    except _load_errors():
+        config = dict(SDXL_UNET_CONFIG)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return {name: type(module).__name__ for name, module in unet.named_modules()}
+
+
+def check_target_modules(source: ModelSource, targets: list[str], rank_pattern: dict[str, int]) -> None:
+    """Refuse, before the UNet loads, a --target-modules name that ends no Linear / Conv2d layer's path (peft would
+    fail, or skip it silently when other names match) and a --rank-pattern key that matches no adapted layer."""
+    from peft.utils.other import get_pattern_key
+    adaptable = [name for name, kind in unet_layers(source).items() if kind in ("Linear", "Conv2d")]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adaptable)]
+    if unknown:
+        short = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in adaptable})
+        raise UserError(f"--target-modules {','.join(unknown)}: no Linear or Conv2d layer of the UNet ends with that "
+                        f"name; it has {', '.join(short)}; or use a preset: attn, attn-ff, all-linear, all")
+    adapted = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]
+    for key in rank_pattern:
+        if not any(get_pattern_key([key], name) == key for name in adapted):
+            raise UserError(f"--rank-pattern {key}: matches no module of --target-modules {','.join(targets)}")
 
 
 def check_same_encoders(source: ModelSource, encoder: dict) -> None:

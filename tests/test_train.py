@@ -218,7 +218,11 @@ def test_training_runs_without_vae_and_text_encoders(tmp_path, fp32_cache, tiny_
     shutil.copytree(tiny_model, unet_only)
     for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.rmtree(unet_only / part)
-    summary = train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2), **QUIET)
+    from stages.errors import UserError
+    with pytest.raises(UserError, match="is not the model the cache was encoded with .* --allow-other-model"):
+        train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2), **QUIET)
+    summary = train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2,
+                                 allow_other_model=True), **QUIET)
     assert (tmp_path / "out" / LORA_WEIGHTS_NAME).exists() and summary["final_loss"] > 0
 
 
