@@ -103,9 +103,9 @@ def _imagefolder_source(root: Path, caption_column: str) -> Source:
     meta = next(root / m for m in METADATA_FILES if (root / m).exists())
     try:
         if meta.suffix == ".jsonl":
-            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            with open(meta, newline="", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        else:  # utf-8-sig: the byte-order mark Excel and Notepad write is not part of the first column's name
+            with open(meta, newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise UserError(f"{meta} is unreadable: {e}") from e
@@ -146,7 +146,7 @@ def _kohya_source(root: Path) -> Source:
 def _read_caption_file(txt: Path):
     data = txt.read_bytes()
     try:
-        return data.decode("utf-8").strip()
+        return data.decode("utf-8-sig").strip()  # without a byte-order mark (Windows editors write one)
     except UnicodeDecodeError:
         return data  # check_caption reports it
 
