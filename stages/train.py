@@ -35,7 +35,7 @@ from stages.optim import FlatParams, make_optimizer
 from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
-from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
+from stages.report import MetricsLogger, check_report_to, plot_losses, plural, write_model_card
 from stages.sample import Validator
 from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
 
@@ -336,8 +336,8 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
         "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
     }
-    log(f"trained {summary['trained_steps']} steps in {summary['seconds']:.1f} s; final loss "
-        f"{summary['final_loss']:.4f} (mean of last 10)"
+    log(f"trained {plural(summary['trained_steps'], 'step')} in {summary['seconds']:.1f} s; final loss "
+        f"{summary['final_loss']:.4f} (mean of the last {plural(len(losses[-10:]), 'step')})"
         + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
         + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
         + f" -> {out / LORA_WEIGHTS_NAME}")
