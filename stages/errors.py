@@ -45,8 +45,9 @@ SAFETENSORS_OS_ERROR = re.compile(r"Os \{ code: (\d+)")  # safetensors' Rust io:
 
 
 def clean(text: str) -> str:
-    """A message without Python object reprs (`<_io.BytesIO object at 0x7f…>` -> `the data`)."""
-    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", text)
+    """A message without Python object reprs: PIL's `cannot identify image file <_io.BytesIO object at 0x7f…>`
+    becomes `cannot identify image file`."""
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
 
 
 def _os_error(e: BaseException) -> tuple[int, str | None] | None:

@@ -396,7 +396,8 @@ def test_long_captions_warn_with_count(tmp_path, tiny_model, image_folder, pipe)
     m = encode(encode_config(tiny_model, images, tmp_path / "cache"), log=logs.append)
     assert [s.caption for s in m.samples] == ["short caption", long_1.strip(), long_2.strip()]
     warnings = [line for line in logs if "longer than 77 tokens" in line]
-    assert warnings == ["warning: 2 caption(s) are longer than 77 tokens and were truncated"]
+    assert warnings == ["warning: 2 caption(s) are longer than 77 tokens and were truncated to their first 77 "
+                        "tokens: b.png, c.png"]
     # the truncated caption is encoded as diffusers encodes it (first 77 tokens)
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(long_1.strip(), device="cpu", num_images_per_prompt=1,
                                                      do_classifier_free_guidance=False)
