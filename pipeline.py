@@ -291,7 +291,7 @@ def sample(prompts_file, **kwargs):
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo's model, images, cache, LoRA and samples: a new or empty folder, or an earlier "
-                   "demo's (default: a new temporary folder).")
+                   "demo's, whose outputs it replaces (default: sdxl-lora-demo-USER in the system's temporary folder).")
 @click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
 @run_stage
 def demo(workdir, steps):

@@ -1,15 +1,14 @@
 """The demo data: a small generated set of captioned images (shapes in colors), and the demo flow."""
 from __future__ import annotations
 
+import getpass
 import json
-import os
 import random
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from cache.files import default_mode
 from stages.errors import UserError
 from stages.paths import check_output_folder
 
@@ -79,9 +78,8 @@ def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> d
     from stages.sdxl import build_tiny_sdxl
     from stages.train import train
 
-    if workdir is None:
-        workdir = tempfile.mkdtemp(prefix="sdxl-lora-demo-")
-        os.chmod(workdir, default_mode(folder=True))  # mkdtemp makes it 0700
+    if workdir is None:  # one folder per user, replaced by every run: runs do not pile up in the temporary folder
+        workdir = Path(tempfile.gettempdir()) / f"sdxl-lora-demo-{getpass.getuser()}"
     workdir = Path(workdir)
     check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -106,4 +104,9 @@ def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> d
         log(f"  {name:8s} {path}")
     log(f"  LoRA     {paths['lora'] / 'pytorch_lora_weights.safetensors'} (final loss {summary['final_loss']:.4f})")
     log(f"  grid     {paths['samples'] / 'compare.png'}")
+    log("The tiny model has random weights, so every image is noise: the grid shows that training changed what the "
+        "model renders, not what a LoRA of real SDXL looks like.")
+    size = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+    log(f"The demo's files take {size / 1e6:.0f} MB in {workdir}; the next demo run replaces them (rm -rf {workdir} "
+        "removes them).")
     return {**{k: str(v) for k, v in paths.items()}, "final_loss": summary["final_loss"]}
