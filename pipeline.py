@@ -281,7 +281,10 @@ def sample(prompts_file, **kwargs):
     """Render prompts with base + LoRA; with --compare, also the base model and a labelled grid."""
     from stages.sample import sample as run
     if prompts_file:
-        lines = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()]
+        try:
+            lines = [line.strip() for line in open(prompts_file, encoding="utf-8-sig") if line.strip()]
+        except UnicodeDecodeError:
+            raise click.UsageError(f"--prompts-file {prompts_file} is not UTF-8 text") from None
         if not lines:
             raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt")
         kwargs["prompt"] = tuple(kwargs["prompt"]) + tuple(lines)

@@ -76,6 +76,8 @@ def check_fields(cfg) -> None:
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, tuple) else (value,))):
+            raise UserError(f"{flag_name(f.name)} is empty: give a value, or leave the option out")
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices is not None and value not in choices:
             raise UserError(f"unknown {flag_name(f.name)} {value}: choose one of {', '.join(map(str, choices))}")

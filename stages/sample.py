@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.config import DEFAULT_MODEL, SampleConfig
+from stages.config import DEFAULT_MODEL, SampleConfig, parse_resolutions
 from stages.device import resolve_device
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, load_into_pipeline
@@ -346,6 +346,7 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
     prompts = list(cfg.prompt)
     if not prompts:
         raise UserError("give at least one --prompt (or --prompts-file)")
+    parse_resolutions(cfg.resolution)  # SDXL renders multiples of 8
     if cfg.compare and not cfg.lora:
         raise UserError("--compare renders the base model beside a LoRA: pass --lora (without --compare, sample "
                         "renders the base model alone)")

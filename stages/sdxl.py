@@ -78,6 +78,12 @@ class ModelSource:
     def check(self) -> "ModelSource":
         """Refuse, before anything loads, a model or --model-config path that is not there (see `kind`)."""
         kind = self.kind  # raises for a path that is not there
+        if kind == "folder" and self.variant:
+            names = [p.name.split(".") for p in Path(self.model).rglob("*.*")]
+            variants = sorted({n[-2] for n in names if len(n) > 2 and n[-1] in ("safetensors", "bin")})
+            if self.variant not in variants:
+                raise UserError(f"--variant {self.variant}: {self.model} holds no weights of that variant"
+                                + (f" (it has {', '.join(variants)})" if variants else "; leave --variant out"))
         if kind != "random" and self.model_config and looks_like_path(self.model_config) and not os.path.isdir(self.model_config):
             raise UserError(f"--model-config {self.model_config}: folder not found{did_you_mean(self.model_config)}")
         return self
@@ -136,7 +142,7 @@ def cache_model_source(encoder: dict, model: str | None = None, revision: str | 
                             "of an older cache): pass --model with its location; it is checked against the encoder "
                             "weights the cache was made with")
         return ModelSource(recorded.model, revision or recorded.revision, variant or recorded.variant,
-                           model_config or recorded.model_config)
+                           model_config or recorded.model_config).check()
     source = ModelSource(model, revision, variant, model_config).check()
     same = absolute_path(source.model) == absolute_path(recorded.model) and (revision or recorded.revision) == recorded.revision
     if missing and not allow_other:
@@ -155,7 +161,7 @@ def unet_layers(source: ModelSource) -> dict[str, str]:
     from diffusers import UNet2DConditionModel
     try:
         config = unet_config(source)
-    except _load_errors():
+    except UserError:
         config = dict(SDXL_UNET_CONFIG)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
@@ -296,9 +302,12 @@ def unet_config(src: ModelSource) -> dict:
     from diffusers import UNet2DConditionModel
     if src.kind == "random":
         return dict(SDXL_UNET_CONFIG)
-    if src.kind == "single_file":
-        return dict(UNet2DConditionModel.load_config(src.model_config or DEFAULT_MODEL, subfolder="unet"))
-    return dict(UNet2DConditionModel.load_config(src.model, subfolder="unet", **_pretrained_kwargs(src)))
+    try:
+        if src.kind == "single_file":
+            return dict(UNet2DConditionModel.load_config(src.model_config or DEFAULT_MODEL, subfolder="unet"))
+        return dict(UNet2DConditionModel.load_config(src.model, subfolder="unet", **_pretrained_kwargs(src)))
+    except _load_errors() as e:
+        raise UserError(f"model {src.model} has no usable 'unet' part: {_first_line(e)}") from e
 
 
 def random_encoders(device: torch.device) -> dict:
