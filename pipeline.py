@@ -73,17 +73,23 @@ def run_stage(fn):
         except KeyboardInterrupt:
             if debug:
                 raise
-            from tqdm import tqdm
-            for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line before the message
-                bar.close()
+            _end_progress_bars()
             click.echo(interrupted_message(fn.__name__, kwargs), err=True)
             sys.exit(130)
         except Exception as e:
             message = failure_message(e, fn.__name__, kwargs)
             if message is None or debug:
                 raise
+            _end_progress_bars()
             raise click.ClickException(message) from None
     return wrapper
+
+
+def _end_progress_bars() -> None:
+    """Close a progress bar left open by the failure, so that the message starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 class Commands(click.Group):
@@ -150,7 +156,7 @@ def encode(**kwargs):
 
 
 @cli.command()
-@click.argument("cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, readable=True))
 @click.option("--verify", is_flag=True, help="Also check every shard's size and sha256.")
 @run_stage
 def info(cache, verify):

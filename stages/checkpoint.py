@@ -127,6 +127,8 @@ def find_checkpoint(out: Path, resume: str, log) -> Path:
     """The checkpoint to resume: a given folder, or the newest intact one (falling back past corrupt ones)."""
     if resume != "latest":
         path = Path(resume)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--resume {resume} is a file, not a checkpoint folder: pass latest or a checkpoint-N folder")
         if not path.is_dir():
             found = [p.name for p in list_checkpoints(out)] if out.is_dir() else []
             raise UserError(f"--resume {resume}: no such checkpoint folder{did_you_mean(path)}; pass latest or a "

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from stages.errors import UserError
-from stages.paths import did_you_mean, looks_like_path
+from stages.paths import check_input, did_you_mean, looks_like_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -68,6 +68,7 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
     """Resolve --dataset to a Source (see module docstring for the accepted kinds)."""
     path = Path(dataset)
     if path.is_dir():
+        check_input(dataset, "--dataset")
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             import datasets
             table = datasets.load_from_disk(str(path))

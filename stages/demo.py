@@ -78,6 +78,8 @@ def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> d
     from stages.sdxl import build_tiny_sdxl
     from stages.train import train
 
+    if workdir is not None and not str(workdir).strip():
+        raise UserError("--workdir is empty: give a folder, or leave the option out")
     if workdir is None:  # one folder per user, replaced by every run: runs do not pile up in the temporary folder
         workdir = Path(tempfile.gettempdir()) / f"sdxl-lora-demo-{getpass.getuser()}"
     workdir = Path(workdir)

@@ -27,10 +27,8 @@ OUT_OF_HOST_MEMORY = "the machine ran out of memory (RAM) during {command}: clos
                      "or --num-workers, or use a machine with more memory"
 # What an OSError means for a user, by errno; {path} is the file or folder it names.
 OS_ERRORS = {
-    errno.ENOSPC: "disk full while writing {path}: free space and rerun the same command; completed shards and "
-                  "earlier checkpoints are intact",
-    errno.EDQUOT: "disk quota exceeded while writing {path}: free space and rerun the same command; completed shards "
-                  "and earlier checkpoints are intact",
+    errno.ENOSPC: "disk full while writing {path}: free space and rerun the same command; {kept}",
+    errno.EDQUOT: "disk quota exceeded while writing {path}: free space and rerun the same command; {kept}",
     errno.EACCES: "permission denied: {path}: choose a location you may write to (or read), or fix its permissions",
     errno.EPERM: "operation not permitted: {path}: choose a location you may write to, or fix its permissions",
     errno.EROFS: "read-only file system: {path}: choose a location on a writable disk",
@@ -41,6 +39,8 @@ OS_ERRORS = {
     errno.ENAMETOOLONG: "file name too long: {path}",
     errno.EIO: "input/output error on {path}: the disk (or network file system) failed; check it and rerun",
 }
+KEPT = {"encode": "completed shards are kept and the rerun continues after them",
+        "train": "checkpoints written so far are intact (--resume latest continues from the newest)"}
 SAFETENSORS_OS_ERROR = re.compile(r"Os \{ code: (\d+)")  # safetensors' Rust io::Error, e.g. StorageFull (28)
 
 
@@ -67,7 +67,7 @@ def _os_error(e: BaseException) -> tuple[int, str | None] | None:
 
 
 def _name_path(path: str, options: dict) -> str:
-    """`path`, with the option that names it or the folder it lies in: `--output X`, or `X/f (in --output X)`."""
+    """`path`, with the option that names it or the folder it lies in: `X (--output)`, or `X/f (in --output)`."""
     best = None  # (depth, flag, value) of the most specific option
     try:
         target = Path(path).resolve()
@@ -80,7 +80,7 @@ def _name_path(path: str, options: dict) -> str:
         pass
     if best is None:
         return path
-    return f"{best[1]} {best[2]}" if best[3] else f"{path} (in {best[1]} {best[2]})"
+    return f"{path} ({best[1]})" if best[3] else f"{path} (in {best[1]})"
 
 
 def failure_message(e: BaseException, command: str, options: dict) -> str | None:
@@ -100,8 +100,10 @@ def failure_message(e: BaseException, command: str, options: dict) -> str | None
         return None
     code, path = found
     path = os.fsdecode(path) if path is not None else None
+    if path is None:  # a library's error without the file name: the command's output, where it has one
+        path = next((options[k] for k in ("output", "cache", "out", "workdir") if options.get(k)), None)
     where = _name_path(path, options) if path else "the output"
-    return OS_ERRORS[code].format(path=where)
+    return OS_ERRORS[code].format(path=where, kept=KEPT.get(command, "no half-written file is left"))
 
 
 def interrupted_message(command: str, options: dict) -> str:

@@ -27,7 +27,7 @@ def did_you_mean(path: str | Path) -> str:
     path = Path(path).expanduser()
     parent = path.parent
     try:
-        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+        names = [p.name for p in parent.iterdir() if p.name != path.name] if parent.is_dir() else []
     except OSError:
         return ""
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
@@ -50,17 +50,25 @@ def _unwritable(folder: Path) -> str | None:
     return None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
 
 
+def _check_creatable(path: str, target: Path, flag: str) -> None:
+    """`target` (a file or folder named by `path`) can be created: its nearest existing ancestor is a writable folder."""
+    existing = _nearest_existing(target.absolute())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if why := _unwritable(existing):
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({why}): choose a folder you may write to")
+
+
 def check_output_folder(path: str, flag: str, dry_run: bool = False) -> None:
     """A folder a command creates or writes into: refused when it is a file, lies under a file, or cannot be
     created or written (read-only, no permission). With `dry_run` (nothing is written) only its kind is checked."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder: give a folder (new, or one the command wrote)")
-    existing = _nearest_existing(p.absolute())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not dry_run and (why := _unwritable(existing)):
-        raise UserError(f"{flag} {path}: cannot write in {existing} ({why}): choose a folder you may write to")
+    if not dry_run:
+        _check_creatable(path, p, flag)
+    elif not _nearest_existing(p.absolute()).is_dir():
+        raise UserError(f"{flag} {path}: {_nearest_existing(p.absolute())} is a file, not a folder")
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -68,7 +76,7 @@ def check_output_file(path: str, flag: str) -> None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder, not a file: give a file name")
-    check_output_folder(str(p.parent), flag)
+    _check_creatable(path, p, flag)
 
 
 def check_input(path: str, flag: str, kind: str = "folder", what: str = "") -> Path:

@@ -72,12 +72,21 @@ class ModelSource:
             return "folder"
         if self.model.endswith(SINGLE_FILE_SUFFIXES) or looks_like_path(self.model):
             raise UserError(f"model path not found: {self.model}{did_you_mean(self.model)}"
-                            + ("" if "/" not in self.model else " (a hub id has the form namespace/name)"))
+                            + (" (a hub id has the form namespace/name)"
+                               if "/" in self.model and not self.model.startswith(("/", ".", "~")) else ""))
         return "hub"
 
     def check(self) -> "ModelSource":
-        """Refuse, before anything loads, a model or --model-config path that is not there (see `kind`)."""
+        """Refuse, before anything loads, a model path that is not there (see `kind`) or is no model (a folder
+        without model_index.json or unet/, a file that is no .safetensors / .ckpt checkpoint), a --variant a
+        local folder does not have, and a --model-config path that is not there."""
         kind = self.kind  # raises for a path that is not there
+        folder = Path(self.model)
+        if kind == "folder" and not ((folder / "model_index.json").is_file() or (folder / "unet").is_dir()):
+            raise UserError(f"--model {self.model} is not a diffusers model folder (no model_index.json or unet/); "
+                            "a single-file checkpoint is given as its .safetensors or .ckpt file")
+        if kind == "single_file" and not self.model.endswith(SINGLE_FILE_SUFFIXES):
+            raise UserError(f"--model {self.model} is a file but not a single-file checkpoint (.safetensors or .ckpt)")
         if kind == "folder" and self.variant:
             names = [p.name.split(".") for p in Path(self.model).rglob("*.*")]
             variants = sorted({n[-2] for n in names if len(n) > 2 and n[-1] in ("safetensors", "bin")})
