@@ -282,6 +282,8 @@ def test_cli_info_and_verify(cli_cache, tmp_path):
                      f"fingerprint      {m.fingerprint}", f"dataset          {m.dataset['name']} [train]"):
         assert expected in plain.stdout.splitlines(), expected
     assert "intact" not in plain.stdout
+    assert f"model            {m.encoder['model']}" in plain.stdout.splitlines()  # no "(revision None, variant None)"
+    assert "vae override     none (the model's own VAE)" in plain.stdout.splitlines() and "None" not in plain.stdout
 
     verified = runner.invoke(pipeline_cli, ["info", str(cache), "--verify"])
     assert verified.exit_code == 0, verified.output
@@ -383,6 +385,15 @@ def test_broken_image_is_skipped_with_reason(tmp_path, tiny_model, image_folder)
     assert any(line.startswith("encoded 2 samples (1 skipped)") for line in logs), logs
     reader = CacheReader(tmp_path / "cache")
     assert len(reader) == 2 and reader[1]["key"] == "c_good.png"
+
+
+def test_skip_reasons_show_no_python_objects(tmp_path):
+    from stages.data import Record, Source
+    from stages.encode import PreprocessDataset
+    (tmp_path / "x.png").write_bytes(b"this is not an image")
+    source = Source(str(tmp_path), [Record("x.png", "a caption", str(tmp_path / "x.png"))])
+    item = PreprocessDataset(source, source.records, encode_config("m", tmp_path, tmp_path / "c"))[0]
+    assert item["skip"] == "cannot decode image: UnidentifiedImageError: cannot identify image file"  # no <_io.BytesIO …>
 
 
 def test_long_captions_warn_with_count(tmp_path, tiny_model, image_folder, pipe):
