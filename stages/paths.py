@@ -51,7 +51,8 @@ def _unwritable(folder: Path) -> str | None:
 
 
 def _check_creatable(path: str, target: Path, flag: str) -> None:
-    """`target` (a file or folder named by `path`) can be created: its nearest existing ancestor is a writable folder."""
+    """Folder `target` (named by `path`, or holding it) can be created or written: its nearest existing ancestor (or
+    itself) is a writable folder."""
     existing = _nearest_existing(target.absolute())
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
@@ -76,7 +77,7 @@ def check_output_file(path: str, flag: str) -> None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"{flag} {path} is a folder, not a file: give a file name")
-    _check_creatable(path, p, flag)
+    _check_creatable(path, p.parent, flag)
 
 
 def check_input(path: str, flag: str, kind: str = "folder", what: str = "") -> Path:

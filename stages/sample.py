@@ -42,10 +42,10 @@ def load_pipeline(source: ModelSource, device: torch.device):
 
 
 def train_record(lora: str) -> tuple[dict, Path | None]:
-    """The train_config.json beside a LoRA (or its run's, for checkpoint-N; a LoRA file's folder): (its JSON, its
-    path), or ({}, None) where there is none (a LoRA from elsewhere)."""
+    """The train_config.json beside a LoRA (in its folder, or a LoRA file's; a checkpoint-N folder's run's): (its
+    JSON, its path), or ({}, None) where there is none (a LoRA from elsewhere)."""
     start = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-    for folder in (start, start.parent):
+    for folder in (start, start.parent) if start.name.startswith("checkpoint-") else (start,):
         path = folder / "train_config.json"
         if path.exists():
             try:
