@@ -192,6 +192,8 @@ def forbid_loading(monkeypatch) -> list[str]:
     """Make every model loader (and a hub dataset lookup) record its call and fail; returns the record."""
     import importlib
     calls = []
+    for module, _ in LOADERS:  # every module first: one imported later would bind an already patched loader for good
+        importlib.import_module(module)
     for module, attr in LOADERS:
         owner = importlib.import_module(module)
         *path, name = attr.split(".")
