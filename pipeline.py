@@ -3,7 +3,6 @@ fields hold the defaults and help texts. No logic here beyond wiring."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import os
 import sys
@@ -136,36 +135,47 @@ def config_file(command):
                         "its own OUTPUT/train_config.json.")(command)
 
 
-OUT_OF_MEMORY = """the GPU ran out of memory. Settings that lower memory, most effective first:
-  --gradient-checkpointing (on by default), --batch-size 1 with a larger --grad-accum,
-  --mixed-precision fp16 or bf16 (not no), --optimizer adamw8bit, a lower --rank,
-  or a cache encoded at a lower --resolution. Checkpoints written so far are intact (--resume latest)."""
-
-
 def run_stage(fn):
-    """Turn the project's own errors into a one-line message and a non-zero exit, never a traceback."""
+    """The one error boundary: an expected failure (stages/errors.py: a UserError or CacheError, a full disk, a path
+    that cannot be written, out of memory, Ctrl-C) ends in one line and a non-zero exit; `--debug` shows the
+    traceback instead. Anything else is a bug, and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from cache.format import CacheError
-        from stages.errors import UserError
+        from stages.errors import failure_message, interrupted_message
         _quiet_libraries()
+        debug = click.get_current_context().find_root().params.get("debug")
         try:
             return fn(*args, **kwargs)
-        except (UserError, CacheError) as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise click.ClickException(f"disk full while writing {e.filename or 'output'}: free space and rerun the "
-                                       "same command; completed shards and earlier checkpoints are intact") from None
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if "out of memory" not in str(e).lower():
-                raise
-            raise click.ClickException(OUT_OF_MEMORY) from None
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if debug:
+                raise
+            _end_progress_bars()
+            click.echo(interrupted_message(fn.__name__, kwargs), err=True)
             sys.exit(130)
+        except Exception as e:
+            message = failure_message(e, fn.__name__, kwargs)
+            if message is None or debug:
+                raise
+            _end_progress_bars()
+            raise click.ClickException(message) from None
     return wrapper
+
+
+def _end_progress_bars() -> None:
+    """Close a progress bar left open by the failure, so that the message starts on a line of its own."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+class Commands(click.Group):
+    def parse_args(self, ctx, args):
+        """Refuse an argument holding bytes that are not UTF-8 (the shell passes them through as surrogates)."""
+        for arg in args:
+            if any("\udc80" <= ch <= "\udcff" for ch in arg):
+                raise click.UsageError(f"argument {ascii(arg)} holds bytes that are not UTF-8: use UTF-8 file names "
+                                       "and text")
+        return super().parse_args(ctx, args)
 
 
 def resolutions(ctx, param, value):
@@ -179,8 +189,9 @@ def resolutions(ctx, param, value):
     return values[0] if len(values) == 1 else values
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def cli():
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show the full traceback of a failure instead of its one-line message.")
+def cli(debug):
     """Two-stage SDXL LoRA training: encode a dataset once into a cache, then train from it."""
 
 
@@ -223,7 +234,7 @@ def encode(**kwargs):
 
 @cli.command()
 @config_file
-@click.argument("cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, readable=True))
 @click.option("--verify", is_flag=True, help="Also check every shard's size and sha256.")
 @run_stage
 def info(cache, verify):
@@ -255,6 +266,7 @@ def info(cache, verify):
 @from_config(TrainConfig, "revision")
 @from_config(TrainConfig, "variant")
 @from_config(TrainConfig, "model_config")
+@from_config(TrainConfig, "allow_other_model")
 @from_config(TrainConfig, "resolution_schedule")
 @from_config(TrainConfig, "rank")
 @from_config(TrainConfig, "alpha")
@@ -367,7 +379,10 @@ def sample(prompts_file, **kwargs):
     """Render prompts with base + LoRA; with --compare, also the base model and a labelled grid."""
     from stages.sample import sample as run
     if prompts_file:
-        lines = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()]
+        try:
+            lines = [line.strip() for line in open(prompts_file, encoding="utf-8-sig") if line.strip()]
+        except UnicodeDecodeError:
+            raise click.UsageError(f"--prompts-file {prompts_file} is not UTF-8 text") from None
         if not lines:
             raise click.UsageError(f"--prompts-file {prompts_file} holds no prompt")
         kwargs["prompt"] = tuple(kwargs["prompt"]) + tuple(lines)
@@ -378,7 +393,7 @@ def sample(prompts_file, **kwargs):
 @config_file
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo's model, images, cache, LoRA and samples: a new or empty folder, or an earlier "
-                   "demo's (default: a new temporary folder).")
+                   "demo's, whose outputs it replaces (default: sdxl-lora-demo-USER in the system's temporary folder).")
 @click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
 @run_stage
 def demo(workdir, steps):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,8 +148,12 @@ class Manifest:
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
         path = Path(folder) / MANIFEST_NAME
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise CacheError(f"cache {folder} is a file, not a cache folder: give the folder `encode --cache` wrote")
         if not Path(folder).is_dir():
             raise CacheError(f"cache folder not found: {folder}")
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise CacheError(f"cache {folder}: permission denied (it cannot be read)")
         if not path.exists():
             hint = " (an encode is unfinished: rerun it to complete)" if (Path(folder) / PROGRESS_NAME).exists() else ""
             raise CacheError(f"{folder} is not a complete cache: no {MANIFEST_NAME}{hint}")

@@ -16,10 +16,12 @@ import torch
 from cache import CacheReader
 from cache.format import Manifest, fingerprint
 from cache.writer import CacheWriter, write_validation
-from stages.config import RANDOM_SDXL, BenchConfig, TrainConfig
-from stages.device import apply_compile, cap_gpu_memory, resolve_device, synchronize
+from stages.config import RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions, resolve_target_modules
+from stages.device import (apply_compile, cap_gpu_memory, check_device_options, resolve_device, resolve_precision,
+                           synchronize, use_cuda_graphs)
 from stages.errors import UserError
-from stages.sdxl import ModelSource, load_encoders, random_encoders, unet_config
+from stages.quantize import check_base_weights
+from stages.sdxl import ModelSource, check_target_modules, load_encoders, random_encoders, unet_config
 
 
 def write_synthetic_cache(folder: str | Path, num_samples: int = 64, resolution: int = 512, dtype: str = "fp16",
@@ -197,9 +199,27 @@ def time_split(events, wall_s: float, steps: int) -> dict:
             "gpu_busy_ms_per_step": round(kernels / 1e3 / steps, 1)}
 
 
+def check_bench(cfg: BenchConfig, device: torch.device) -> None:
+    """Refuse, before anything is built, what cannot run here: random:sdxl off a GPU (the full-size UNet: ~10 GB of
+    memory and minutes per step on a CPU), a model path that is not there, precision / base weights / CUDA graphs
+    / --compile this device lacks, --target-modules the UNet does not have, a --resolution no multiple of 8."""
+    parse_resolutions(cfg.resolution)
+    check_device_options("auto", cfg.compile, device)
+    resolve_precision(cfg.mixed_precision, device)
+    check_base_weights(cfg.base_weights, device, "lora")
+    use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, 1, lambda *a: None)
+    source = ModelSource(cfg.model).check()
+    check_target_modules(source, resolve_target_modules(cfg.target_modules), {})
+    if source.kind == "random" and device.type != "cuda":
+        raise UserError("bench --model random:sdxl builds the full-size SDXL UNet (~10 GB of memory, minutes per step "
+                        "on a CPU) to measure GPU training: run it on a CUDA GPU, or on a CPU pass --model with a small "
+                        "diffusers folder (the demo's: python pipeline.py demo --workdir w, then --model w/tiny-sdxl)")
+
+
 def bench(cfg: BenchConfig, log=print) -> list[dict]:
     """Run the configuration (and the baseline); print a table and one JSON line per run."""
     device = resolve_device(cfg.device)
+    check_bench(cfg, device)
     if cfg.vram_budget:
         cap_gpu_memory(device, cfg.vram_budget, log)
     peak = matmul_peak_tflops(device)

@@ -26,6 +26,7 @@ from cache.lock import lock_folder
 from stages import distributed
 from stages.config import flag_name, parse_rank_pattern, resolve_target_modules
 from stages.errors import UserError
+from stages.paths import check_output_folder, did_you_mean
 from stages.lora import LORA_WEIGHTS_NAME, load_lora_weights_into, save_lora
 from stages.report import CARD_NAME, FALLBACK_CARD_NAME, is_ours
 
@@ -126,6 +127,12 @@ def find_checkpoint(out: Path, resume: str, log) -> Path:
     """The checkpoint to resume: a given folder, or the newest intact one (falling back past corrupt ones)."""
     if resume != "latest":
         path = Path(resume)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--resume {resume} is a file, not a checkpoint folder: pass latest or a checkpoint-N folder")
+        if not path.is_dir():
+            found = [p.name for p in list_checkpoints(out)] if out.is_dir() else []
+            raise UserError(f"--resume {resume}: no such checkpoint folder{did_you_mean(path)}; pass latest or a "
+                            "checkpoint-N folder" + (f" ({out} holds {', '.join(found)})" if found else ""))
         problem = checkpoint_problem(path)
         if problem:
             raise UserError(f"--resume {resume}: not a usable checkpoint ({problem})")
@@ -283,6 +290,7 @@ def remove_run(out: Path) -> None:
 def claim_output(out: Path, cfg, manifest, world: int, held: contextlib.ExitStack, log) -> Resume | None:
     """--output for this run, before any model loads: its lock (rank 0, held until `held` closes: a second writer
     is refused), the checkpoint to resume (plan_resume), an earlier run's outputs refused or removed (prepare_output)."""
+    check_output_folder(str(out), "--output")
     held.enter_context(distributed.on_main(lock_folder, out, "train", log) or contextlib.nullcontext())
     resume = plan_resume(out, cfg, manifest, world, log) if cfg.resume else None
     distributed.on_main(prepare_output, out, cfg.overwrite, cfg.resume)

@@ -86,6 +86,8 @@ def check_fields(cfg) -> None:
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, tuple) else (value,))):
+            raise UserError(f"{flag_name(f.name)} is empty: give a value, or leave the option out")
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices is not None and value not in choices:
             raise UserError(f"unknown {flag_name(f.name)} {value}: choose one of {', '.join(map(str, choices))}")
@@ -249,6 +251,7 @@ class TrainConfig:
     revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
     model_config: str | None = opt(None, "Single-file --model only: folder or hub id with its configs.")
+    allow_other_model: bool = opt(False, "Train with a --model other than the one the cache was encoded with (e.g. a fine-tune with the same VAE and text encoders); refused without it.")
     resolution_schedule: str | None = opt(None, "Train progressively through the resolutions of a multi-resolution cache: res:steps,... in optimizer steps, the last stage may omit its steps (it runs to --max-steps), e.g. 512:500,768:500,1024 (default: the cache's only resolution).")
     rank: int = opt(16, "LoRA rank r.", check="positive")
     alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha/rank.", check="positive")
@@ -395,8 +398,8 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------ sample
 @dataclass
 class SampleConfig:
-    lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder).")
-    model: str = opt(DEFAULT_MODEL, "Base model: hub id or local diffusers folder.")
+    lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder), or a LoRA .safetensors file (also kohya format, imported on the fly).")
+    model: str | None = opt(None, "Base model: hub id, local diffusers folder or single-file checkpoint (default: the one the LoRA was trained on, from its train_config.json; else SDXL base 1.0).")
     prompt: tuple[str, ...] = opt((), "A prompt (repeatable).")
     negative_prompt: str | None = opt(None, "Negative prompt for every image.")
     steps: int = opt(30, "Denoising steps.", check="positive")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from stages.errors import UserError
+from stages.paths import check_input, did_you_mean, looks_like_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -67,6 +68,7 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
     """Resolve --dataset to a Source (see module docstring for the accepted kinds)."""
     path = Path(dataset)
     if path.is_dir():
+        check_input(dataset, "--dataset")
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             import datasets
             table = datasets.load_from_disk(str(path))
@@ -80,13 +82,14 @@ def open_source(dataset: str, split: str = "train", image_column: str = "image",
         return _kohya_source(path)
     if path.exists():
         raise UserError(f"--dataset must be a folder or a hub dataset id, not a file: {dataset}")
-    if dataset.startswith((".", "/", "~")):
-        raise UserError(f"dataset folder not found: {dataset}")
+    if looks_like_path(dataset):
+        raise UserError(f"dataset folder not found: {dataset}{did_you_mean(dataset)}")
     import datasets
     try:
         table = datasets.load_dataset(dataset, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise UserError(f"cannot load dataset '{dataset}' (split '{split}'): {str(e).strip().splitlines()[0]}") from e
+        raise UserError(f"cannot load dataset '{dataset}' (split '{split}') from the hub, and there is no local folder "
+                        f"of that name: {str(e).strip().splitlines()[0]}") from e
     return _table_source(dataset, table, image_column, caption_column)
 
 
@@ -101,9 +104,9 @@ def _imagefolder_source(root: Path, caption_column: str) -> Source:
     meta = next(root / m for m in METADATA_FILES if (root / m).exists())
     try:
         if meta.suffix == ".jsonl":
-            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            with open(meta, newline="", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        else:  # utf-8-sig: the byte-order mark Excel and Notepad write is not part of the first column's name
+            with open(meta, newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise UserError(f"{meta} is unreadable: {e}") from e
@@ -144,7 +147,7 @@ def _kohya_source(root: Path) -> Source:
 def _read_caption_file(txt: Path):
     data = txt.read_bytes()
     try:
-        return data.decode("utf-8").strip()
+        return data.decode("utf-8-sig").strip()  # without a byte-order mark (Windows editors write one)
     except UnicodeDecodeError:
         return data  # check_caption reports it
 

@@ -1,16 +1,16 @@
 """The demo data: a small generated set of captioned images (shapes in colors), and the demo flow."""
 from __future__ import annotations
 
+import getpass
 import json
-import os
 import random
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from cache.files import default_mode
 from stages.errors import UserError
+from stages.paths import check_output_folder
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "orange": (240, 140, 30),
           "purple": (140, 60, 190), "yellow": (235, 215, 40)}
@@ -60,6 +60,7 @@ DEMO_MARKER = ".sdxl-lora-demo"  # in a workdir the demo made: a rerun may repla
 def check_workdir(workdir: Path) -> None:
     """The demo replaces its own outputs, so it writes only into a new or empty folder, or one an earlier demo
     made that holds nothing else; anything it did not create is refused, untouched."""
+    check_output_folder(str(workdir), "--workdir")
     names = {p.name for p in workdir.iterdir()} if workdir.exists() else set()
     foreign = sorted(names - set(DEMO_PARTS.values()) - {DEMO_MARKER}) if DEMO_MARKER in names else sorted(names)
     if foreign:
@@ -77,9 +78,10 @@ def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> d
     from stages.sdxl import build_tiny_sdxl
     from stages.train import train
 
-    if workdir is None:
-        workdir = tempfile.mkdtemp(prefix="sdxl-lora-demo-")
-        os.chmod(workdir, default_mode(folder=True))  # mkdtemp makes it 0700
+    if workdir is not None and not str(workdir).strip():
+        raise UserError("--workdir is empty: give a folder, or leave the option out")
+    if workdir is None:  # one folder per user, replaced by every run: runs do not pile up in the temporary folder
+        workdir = Path(tempfile.gettempdir()) / f"sdxl-lora-demo-{getpass.getuser()}"
     workdir = Path(workdir)
     check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -104,4 +106,9 @@ def run_demo(workdir: str | Path | None = None, steps: int = 30, log=print) -> d
         log(f"  {name:8s} {path}")
     log(f"  LoRA     {paths['lora'] / 'pytorch_lora_weights.safetensors'} (final loss {summary['final_loss']:.4f})")
     log(f"  grid     {paths['samples'] / 'compare.png'}")
+    log("The tiny model has random weights, so every image is noise: the grid shows that training changed what the "
+        "model renders, not what a LoRA of real SDXL looks like.")
+    size = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+    log(f"The demo's files take {size / 1e6:.0f} MB in {workdir}; the next demo run replaces them (rm -rf {workdir} "
+        "removes them).")
     return {**{k: str(v) for k, v in paths.items()}, "final_loss": summary["final_loss"]}

@@ -31,6 +31,12 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def check_device_options(attention: str, compile: str, device: torch.device) -> None:
+    """Refuse, before anything loads, --attention xformers and --compile off CUDA."""
+    check_attention(attention, device)
+    check_compile(compile, device)
+
+
 def check_attention(attention: str, device: torch.device) -> None:
     """Refuse --attention xformers off CUDA before anything loads."""
     if attention == "xformers" and device.type != "cuda":

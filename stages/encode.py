@@ -25,8 +25,9 @@ from stages.config import EncodeConfig
 from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, nearest_bucket,
                          open_source, preprocess)
 from stages.device import resolve_device
-from stages.errors import UserError, kill_point
-from stages.sdxl import ModelSource, absolute_path, load_encoders, weights_hash
+from stages.errors import UserError, clean, kill_point
+from stages.paths import check_output_folder
+from stages.sdxl import ModelSource, absolute_path, check_vae, load_encoders, weights_hash
 
 
 @torch.no_grad()
@@ -59,8 +60,10 @@ def encode_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return dist.mean, dist.std
 
 
-def count_truncated(tokenizers, captions: list[str]) -> int:
-    return sum(any(len(tok(c).input_ids) > tok.model_max_length for tok in tokenizers) for c in captions)
+def truncated_keys(tokenizers, items: list[dict]) -> list[str]:
+    """Keys of the items whose caption is longer than a tokenizer's 77 tokens (the rest is cut off)."""
+    return [item["key"] for item in items
+            if any(len(tok(item["caption"]).input_ids) > tok.model_max_length for tok in tokenizers)]
 
 
 class PreprocessDataset(Dataset):
@@ -84,12 +87,12 @@ class PreprocessDataset(Dataset):
         try:
             data = self.source.read_bytes(rec)
         except OSError as e:
-            return {**item, "skip": f"cannot read: {e}"}
+            return {**item, "skip": clean(f"cannot read: {e}")}
         item["source"] = self.source.identity(rec, data)
         try:
             image = decode_image(data)
         except Exception as e:  # any decoder failure is a property of the file: record and skip
-            return {**item, "skip": f"cannot decode image: {type(e).__name__}: {e}"}
+            return {**item, "skip": clean(f"cannot decode image: {type(e).__name__}: {e}")}
         largest = max(self.resolutions)
         if min(image.size) * MIN_SIDE_FRACTION < largest:
             return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
@@ -211,6 +214,9 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     log = log if rank == 0 else (lambda *a, **k: None)
     cache = Path(cfg.cache)
     started = time.time()
+    model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config).check()  # paths first: nothing loads
+    check_vae(cfg.vae)
+    check_output_folder(cfg.cache, "--cache", dry_run=cfg.dry_run)
 
     source = open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column)
     if not source.records:
@@ -230,7 +236,6 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
                         "rerun it with the same number of processes (torchrun --nproc-per-node), "
                         "or pass --overwrite to start over")
 
-    model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     log(f"loading VAE and text encoders from {cfg.model}" + (f" (VAE: {cfg.vae})" if cfg.vae else ""))
     parts = load_encoders(model, cfg.vae)
     vae, tokenizers = parts["vae"], (parts["tokenizer"], parts["tokenizer_2"])
@@ -316,13 +321,13 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
 
     loader = DataLoader(PreprocessDataset(source, todo[writer.records_done:], cfg), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=list)
-    truncated, loop_started, done_before = 0, time.time(), writer.records_done
+    truncated, loop_started, done_before = [], time.time(), writer.records_done
     with tqdm(total=len(todo), initial=writer.records_done, desc="encode", unit="img", disable=rank != 0) as bar:
         for batch in loader:
             good = [item for item in batch if "skip" not in item]
             if good:
                 encoded = _encode_batch(good, vae, tokenizers, text_encoders, cfg.flip)
-                truncated += count_truncated(tokenizers, [item["caption"] for item in good])
+                truncated += truncated_keys(tokenizers, good)
             for item in batch:
                 if "skip" in item:
                     writer.skip(item["key"], item["skip"], caption=item["caption"] if isinstance(item["caption"], str) else None,
@@ -335,10 +340,10 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     if world > 1:  # once every rank has finished its part, rank 0 merges the parts into the one manifest
         distributed.barrier()
         manifest = distributed.on_main(merge_parts, cache, world) or Manifest.load(cache)
-        truncated = distributed.sum_across_ranks(truncated)
-
-    if truncated:
-        log(f"warning: {truncated} caption(s) are longer than 77 tokens and were truncated")
+    count = distributed.sum_across_ranks(len(truncated))
+    if count:
+        log(f"warning: {count} caption(s) are longer than 77 tokens and were truncated to their first 77 tokens: "
+            f"{_names(truncated)}" + (" (this process's)" if world > 1 else ""))
     if manifest.skipped:
         log(f"skipped {len(manifest.skipped)} input(s); reasons are listed under 'skipped' in {cache / MANIFEST_NAME}")
     if not manifest.samples:
@@ -392,8 +397,9 @@ def describe(manifest: Manifest) -> str:
         f"created          {m.created}",
         f"samples          {m.num_samples} ({len(m.skipped)} skipped)",
         f"shards           {len(m.shards)}, {total / 1e6:.1f} MB",
-        f"model            {m.encoder.get('model')} (revision {m.encoder.get('revision')}, variant {m.encoder.get('variant')})",
-        f"vae override     {m.encoder.get('vae')}",
+        f"model            {m.encoder.get('model')}" + "".join(f", {k} {m.encoder[k]}" for k in ("revision", "variant")
+                                                                 if m.encoder.get(k)),
+        "vae override     " + (m.encoder.get("vae") or "none (the model's own VAE)"),
         f"dataset          {m.dataset.get('name')} [{m.dataset.get('split')}]",
         f"resolution       {', '.join(map(str, m.resolutions))}",
         f"crop             {'center' if m.preprocessing.get('center_crop') else 'random (recorded)'}",

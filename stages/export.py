@@ -56,6 +56,7 @@ from stages.config import EXPORT_FORMATS as FORMATS
 from stages.config import ExportConfig
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, save_lora, write_lora_file
+from stages.paths import check_output_file, check_output_folder
 
 # SDXL's UNet (and the tiny test model): 2 resnets per down block, 3 per up block. The LDM block
 # indices depend on it; diffusers' loader assumes the same when it maps them back.
@@ -448,6 +449,7 @@ def export(cfg: ExportConfig, log=print) -> Path:
             raise UserError(f"no {LORA_WEIGHTS_NAME} in {source}: not a LoRA folder written by `train`")
         if out.suffix != ".safetensors":
             raise UserError(f"--out {out} must be a .safetensors file (what A1111 / ComfyUI list)")
+        check_output_file(cfg.out, "--out")
         refuse_existing(out, cfg.overwrite)
         return write_kohya_file(file, out, log)
 
@@ -458,6 +460,7 @@ def export(cfg: ExportConfig, log=print) -> Path:
         raise UserError(f"--lora {source} must be a kohya .safetensors file for --format diffusers")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} must be a folder for --format diffusers")
+    check_output_folder(cfg.out, "--out")
     refuse_existing(out / LORA_WEIGHTS_NAME, cfg.overwrite)
     peft, ranks, alphas = kohya_to_peft(read_kohya_lora(source))
     written = write_lora_file(out, peft, adapter_config(ranks, alphas))  # peft keys, as stages.lora.save_lora

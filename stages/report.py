@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 from cache.files import atomic_path, write_bytes_atomic
+from stages.config import LORA_TYPES, RUN_RECORD_EXTRAS, flag_name
 from stages.errors import UserError
 
 CARD_MARKER = "<!-- written by sdxl-lora-cache -->"
@@ -21,6 +22,18 @@ NO_MATPLOTLIB = "note: matplotlib is not installed; skipped loss.png (pip instal
 NO_TENSORBOARD = ("--report-to tensorboard: tensorboard is not installed "
                   "(pip install tensorboard, or pip install -e \".[report]\")")
 EXAMPLE_PROMPTS = 3
+# Settings that do not change what is learned (where data and outputs are, how often to save or render, how it is
+# computed: the model card's other tables cover the rest); every other setting of train_config.json is listed.
+NOT_LEARNING = ("cache", "output", "model", "revision", "variant", "model_config", "allow_other_model", "device",
+                "num_workers", "overwrite", "resume", "verify_cache", "report_to", "checkpoint_every",
+                "checkpoints_total_limit", "validate_every", "validation_steps", "validation_guidance", "max_bad_steps",
+                "vram_budget", "cuda_graphs", "compile", "scale_lr", "output_name", "kohya_file", "save_dtype",
+                "ema_device")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 step', '6 steps'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ------------------------------------------------------------------------------------- model card
@@ -82,6 +95,7 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         ("gradient checkpointing", "on" if cfg.get("gradient_checkpointing") else "off"),
         ("attention", str(resolved.get("attention", cfg.get("attention")))),
         ("seed", str(cfg.get("seed"))),
+        *_recipe_rows(cfg, resolved),
     ]
     steps, trained = summary.get("steps", cfg.get("max_steps")), summary.get("trained_steps")
     trained_line = f"{steps}" + (f" ({trained} in the last run, resumed from step {steps - trained})"
@@ -102,7 +116,10 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         f"- samples: {len({_get(s, 'key', i) for i, s in enumerate(samples)})}" + _resolution_text(preprocessing, cfg)
         + (", center crop" if preprocessing.get("center_crop") else ", random crop" if "center_crop" in preprocessing else "")
         + (", random flips" if preprocessing.get("flip") else ""),
-        f"- cache fingerprint: `{fingerprint}`",
+        f"- cache fingerprint: `{fingerprint}` (the encoders, preprocessing and dtype the cache was made with; "
+        "not the images)",
+        *([f"- data digest: `{cfg['cache_samples']}` (sha256 of every sample's key, caption and image hash, in "
+           "order: equal digests, equal data)"] if cfg.get("cache_samples") else []),
         "",
         "## Hyperparameters",
         "",
@@ -166,6 +183,31 @@ def model_card(train_config: dict, manifest, summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _recipe_rows(cfg: dict, resolved: dict) -> list[tuple[str, str]]:
+    """The adapter and recipe settings, then every other recorded setting that changes what is learned (so that
+    an option added later is listed too), as `--flag value`."""
+    off = lambda v, text="off": text if v in (None, 0, 0.0, False, "") else f"{v:g}"  # noqa: E731
+    rows = [
+        ("adapter", f"{LORA_TYPES.get(cfg.get('lora_type'), cfg.get('lora_type') or 'LoRA')}"
+                    + (f", rank pattern `{cfg['rank_pattern']}`" if cfg.get("rank_pattern") else ", no rank pattern")),
+        ("base weights", str(resolved.get("base_weights", cfg.get("base_weights")))),
+        ("prediction type", str(resolved.get("prediction_type") or cfg.get("prediction_type") or "the model's")),
+        ("zero terminal SNR", "on" if cfg.get("rescale_betas_zero_snr") else "off"),
+        ("timestep sampling", str(cfg.get("timestep_sampling", "uniform"))),
+        ("noise offset", off(cfg.get("noise_offset"))),
+        ("min-SNR γ", off(cfg.get("min_snr_gamma"), "off (plain MSE)")),
+        ("caption dropout", off(cfg.get("caption_dropout"))),
+    ]
+    shown = {"rank", "alpha", "target_modules", "learning_rate", "lr_scheduler", "warmup_steps", "max_steps",
+             "batch_size", "grad_accum", "mixed_precision", "optimizer", "weight_decay", "max_grad_norm",
+             "gradient_checkpointing", "attention", "seed", "resolution_schedule", "lora_type", "rank_pattern",
+             "base_weights", "prediction_type", "rescale_betas_zero_snr", "timestep_sampling", "noise_offset",
+             "min_snr_gamma", "caption_dropout"}
+    rows += [(flag_name(k), "off" if v is None else f"`{v}`") for k, v in cfg.items()
+             if k not in shown and k not in NOT_LEARNING and k not in RUN_RECORD_EXTRAS]
+    return rows
 
 
 def is_ours(path: Path) -> bool:

@@ -4,53 +4,169 @@ The VAE always decodes in FP32, so SDXL's fp16-VAE NaN / black-image problem can
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from stages.config import SampleConfig
+from stages.config import DEFAULT_MODEL, SampleConfig, parse_resolutions
 from stages.device import resolve_device
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME, load_into_pipeline
+from stages.paths import check_input, check_output_folder, looks_like_path
+from stages.sdxl import ModelSource, absolute_path
 
 
-def load_pipeline(model: str, device: torch.device):
+def load_pipeline(source: ModelSource, device: torch.device):
+    """The SDXL pipeline of a hub id, diffusers folder or single-file checkpoint, its VAE in FP32."""
     from diffusers import StableDiffusionXLPipeline
     dtype = torch.float32
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype)
+        if source.kind == "single_file":
+            pipe = StableDiffusionXLPipeline.from_single_file(source.model, config=source.model_config, torch_dtype=dtype)
+        else:
+            kw = {"revision": source.revision} if source.kind == "hub" and source.revision else {}
+            pipe = StableDiffusionXLPipeline.from_pretrained(source.model, torch_dtype=dtype, variant=source.variant, **kw)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load base model {model}: {str(e).strip().splitlines()[0]}") from e
+        raise UserError(f"cannot load base model {source.model}: {str(e).strip().splitlines()[0]}") from e
     pipe.vae.to(torch.float32)  # decode in FP32: no fp16 VAE overflow
     pipe.vae.config.force_upcast = False
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def lora_sampling(lora: str) -> dict:
-    """How a LoRA must be sampled, from the train_config.json beside it (or its run's, for checkpoint-N): the
-    scheduler settings of a v-prediction / zero-terminal-SNR LoRA, empty for the model's own epsilon schedule."""
-    import json
-    for folder in (Path(lora), Path(lora).parent):
+def train_record(lora: str) -> tuple[dict, Path | None]:
+    """The train_config.json beside a LoRA (in its folder, or a LoRA file's; a checkpoint-N folder's run's): (its
+    JSON, its path), or ({}, None) where there is none (a LoRA from elsewhere)."""
+    start = Path(lora) if Path(lora).is_dir() else Path(lora).parent
+    for folder in (start, start.parent) if start.name.startswith("checkpoint-") else (start,):
         path = folder / "train_config.json"
         if path.exists():
             try:
-                saved = json.loads(path.read_text())
+                return json.loads(path.read_text()), path
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"{path} is unreadable ({e}); it tells how the LoRA was trained") from e
-            prediction = saved.get("resolved", {}).get("prediction_type") or saved.get("prediction_type")
-            zero_snr = bool(saved.get("rescale_betas_zero_snr"))
-            settings = {}
-            if prediction == "v_prediction":
-                settings["prediction_type"] = "v_prediction"
-            if zero_snr:  # Lin et al.: trailing timesteps and a guidance rescale of 0.7
-                settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-            return settings
-    return {}
+    return {}, None
+
+
+def recorded_base(saved: dict) -> ModelSource | None:
+    """The base model a run's train_config.json records (what its UNet was loaded from)."""
+    base = saved.get("resolved", {}).get("model") or ({"model": saved["model"]} if saved.get("model") else None)
+    if not base or base.get("kind") == "random":
+        return None
+    return ModelSource(base["model"], base.get("revision"), base.get("variant"), base.get("model_config"))
+
+
+def base_model(cfg: SampleConfig, log) -> ModelSource:
+    """--model, else the base the LoRA was trained on (its train_config.json), else SDXL base 1.0; a --model other
+    than the recorded base is used with a warning."""
+    saved, record = train_record(cfg.lora) if cfg.lora else ({}, None)
+    recorded = recorded_base(saved)
+    if cfg.model is None and recorded is not None:
+        if looks_like_path(recorded.model) and not Path(recorded.model).exists():
+            raise UserError(f"the LoRA's base model {recorded.model} (recorded in {record}) is not there: pass --model "
+                            "with its location")
+        log(f"base model {recorded.model} (the one {cfg.lora} was trained on, from {record}; --model overrides it)")
+        return recorded.check()
+    source = ModelSource(cfg.model or DEFAULT_MODEL).check()
+    if recorded is not None and absolute_path(source.model) != absolute_path(recorded.model):
+        log(f"warning: {cfg.lora} was trained on {recorded.model}, not on {source.model}: a LoRA changes the model it "
+            "was trained on, on another base its effect differs (leave --model out to use its own)")
+    elif cfg.lora and recorded is None and cfg.model is None:
+        log(f"note: no train_config.json beside {cfg.lora} names its base model: using {DEFAULT_MODEL} (--model "
+            "chooses another)")
+    return source
+
+
+def lora_sampling(lora: str) -> dict:
+    """How a LoRA must be sampled, from the train_config.json beside it (or its run's, for checkpoint-N): the
+    scheduler settings of a v-prediction / zero-terminal-SNR LoRA, empty for the model's own epsilon schedule."""
+    saved, _ = train_record(lora)
+    prediction = saved.get("resolved", {}).get("prediction_type") or saved.get("prediction_type")
+    settings = {}
+    if prediction == "v_prediction":
+        settings["prediction_type"] = "v_prediction"
+    if saved.get("rescale_betas_zero_snr"):  # Lin et al.: trailing timesteps and a guidance rescale of 0.7
+        settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return settings
+
+
+def lora_file(lora: str) -> tuple[Path, str]:
+    """--lora as (the .safetensors file, its format "diffusers" or "kohya"): a folder holding
+    pytorch_lora_weights.safetensors (train's output or a checkpoint-N), that file, or a kohya file."""
+    from safetensors import SafetensorError, safe_open
+    path = check_input(lora, "--lora", kind="folder" if Path(lora).is_dir() else "file",
+                       what=f"LoRA folder or file (a folder holding {LORA_WEIGHTS_NAME}, or a .safetensors file)")
+    if path.is_dir():
+        if not (path / LORA_WEIGHTS_NAME).is_file():
+            others = sorted(p.name for p in path.glob("*.safetensors"))
+            raise UserError(f"no {LORA_WEIGHTS_NAME} in {lora}" + (f"; pass one of its files: {', '.join(others[:3])}"
+                                                                   if others else ": not a LoRA folder written by train"))
+        path = path / LORA_WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"--lora {lora}: not a readable .safetensors file ({str(e).strip().splitlines()[0]})") from None
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return path, "kohya"
+    if keys and all(k.startswith("unet.") for k in keys):
+        return path, "diffusers"
+    raise UserError(f"--lora {lora} is not an SDXL UNet LoRA (keys such as {keys[0] if keys else 'none'}): give a "
+                    "folder written by train, or a kohya-format LoRA file")
+
+
+def check_lora_fits(unet, file: Path, lora: str, model: str) -> None:
+    """Refuse a LoRA whose layers are not in the UNet or have other sizes (trained for another architecture), in
+    one line, before diffusers would print every mismatch."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in load_file(str(file)).items()})
+    modules = dict(unet.named_modules())
+    wrong = []
+    for key, tensor in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue  # LoHa / LoKr and DoRA magnitudes: left to peft's own check
+        name = key[: -len(".lora_A.weight")]
+        layer = modules.get(name)
+        width = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+        if layer is None:
+            wrong.append(f"{name}: not in the model")
+        elif width != tensor.shape[1]:
+            wrong.append(f"{name}: input width {tensor.shape[1]} in the LoRA, {width} in the model")
+    if wrong:
+        raise UserError(f"LoRA {lora} does not fit {model}: {len(wrong)} layer(s) differ, e.g. {wrong[0]}; it was "
+                        "trained for another model: pass the --model it was trained on")
+
+
+def load_lora(pipe, lora: str, model: str, log) -> None:
+    """Load --lora into the pipeline: a train output, or a kohya file imported (as `export --format diffusers`
+    does) into a temporary folder that is removed once it is loaded."""
+    import tempfile
+
+    from stages.export import adapter_config, kohya_to_peft, read_kohya_lora
+    from stages.lora import write_lora_file
+    file, kind = lora_file(lora)
+    elsewhere = kind == "kohya" or file.name != LORA_WEIGHTS_NAME  # loaded from a temporary folder
+    with tempfile.TemporaryDirectory(prefix="sdxl-lora-") if elsewhere else contextlib.nullcontext() as tmp:
+        if kind == "kohya":
+            peft, ranks, alphas = kohya_to_peft(read_kohya_lora(file))
+            file = write_lora_file(tmp, peft, adapter_config(ranks, alphas))
+            log(f"imported the kohya LoRA {lora} ({len(ranks)} modules)")
+        elif elsewhere:  # a diffusers LoRA file under another name
+            (Path(tmp) / LORA_WEIGHTS_NAME).symlink_to(file.resolve())
+            file = Path(tmp) / LORA_WEIGHTS_NAME
+        check_lora_fits(pipe.unet, file, lora, model)
+        try:
+            load_into_pipeline(pipe, file.parent)  # any --lora-type (loha/lokr through peft)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"LoRA {lora} does not fit {model}: {' '.join(str(e).split())[:300]}") from e
 
 
 def render(pipe, prompts: list[str], cfg: SampleConfig, lora_scale: float | None,
@@ -104,6 +220,54 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+# Fonts for grid labels, tried in this order after Pillow's own (which covers ASCII only): DejaVu Sans covers Latin,
+# Greek, Cyrillic, Arabic, Hebrew, ...; the CJK ones Chinese, Japanese and Korean. The first that has a glyph for
+# every character draws the labels; with none, characters no font has are transliterated (label_text).
+LABEL_FONTS = ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+               "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+               "/System/Library/Fonts/Supplemental/Arial Unicode.ttf", "C:/Windows/Fonts/arialuni.ttf",
+               "C:/Windows/Fonts/msyh.ttc")
+LABEL_SIZE = 11
+
+
+def _fonts() -> list:
+    """Pillow's default font, then every LABEL_FONTS file found (and matplotlib's DejaVu Sans, if installed)."""
+    import importlib.util
+    candidates = list(LABEL_FONTS)
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.origin:
+        candidates.insert(2, str(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"))
+    fonts = [ImageFont.load_default(LABEL_SIZE)]
+    for name in candidates:
+        with contextlib.suppress(OSError):
+            fonts.append(ImageFont.truetype(name, LABEL_SIZE))
+    return fonts
+
+
+def _has_glyph(font, ch: str) -> bool:
+    """Whether `font` draws `ch` with a glyph of its own, not the missing-glyph box."""
+    if ch.isspace() or not hasattr(font, "getmask") or ch.isascii():
+        return True
+    missing = font.getmask("\U000F0000")  # a private-use code point: no font has it
+    mask = font.getmask(ch)
+    return not (mask.size == missing.size and bytes(mask) == bytes(missing))
+
+
+def label_text(texts: list[str]) -> tuple[object, list[str]]:
+    """The font that draws every character of `texts`, or the one drawing the most of them, with the texts
+    transliterated where it cannot (accents dropped: café -> cafe; else the code point, 猫 -> U+732B)."""
+    chars = {ch for t in texts for ch in t}
+    fonts = _fonts()
+    font = max(fonts, key=lambda f: (sum(_has_glyph(f, ch) for ch in chars), -fonts.index(f)))
+
+    def fallback(ch: str) -> str:
+        if _has_glyph(font, ch):
+            return ch
+        plain = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        return plain if plain and all(_has_glyph(font, c) for c in plain) else f"U+{ord(ch):04X}"
+    return font, ["".join(fallback(ch) for ch in t) for t in texts]
+
+
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str], min_size: int = 256) -> Image.Image:
     """Rows of images with a label left of each row and a wrapped caption above each column.
 
@@ -114,15 +278,17 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]
     zoom = max(1, min_size // max(w, h))
     w, h = w * zoom, h * zoom
     label_w, line_h = 110, 14
+    font, texts = label_text(list(captions) + [label for label, _ in rows])
+    captions, labels = texts[:len(captions)], texts[len(captions):]
     wrapped = [textwrap.wrap(c, width=max(8, w // 7))[:4] for c in captions]
     caption_h = 8 + line_h * max(len(lines) for lines in wrapped)
     grid = Image.new("RGB", (label_w + w * len(captions), caption_h + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for c, lines in enumerate(wrapped):
         for k, line in enumerate(lines):
-            draw.text((label_w + c * w + 4, 4 + k * line_h), line, fill="black")
-    for r, (label, images) in enumerate(rows):
-        draw.text((6, caption_h + r * h + h // 2 - 6), label, fill="black")
+            draw.text((label_w + c * w + 4, 4 + k * line_h), line, fill="black", font=font)
+    for r, ((_, images), label) in enumerate(zip(rows, labels)):
+        draw.text((6, caption_h + r * h + h // 2 - 6), label, fill="black", font=font)
         for c, im in enumerate(images):
             grid.paste(im.resize((w, h), Image.NEAREST), (label_w + c * w, caption_h + r * h))
     return grid
@@ -170,16 +336,24 @@ class Validator:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+    """A file-name-safe form of a prompt: letters and digits of any script (NFKC, lower case), '-' between."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.sub(r"[\W_]+", "-", text).strip("-")[:60].strip("-") or "prompt"
 
 
 def sample(cfg: SampleConfig, log=print) -> list[Path]:
     """Write one PNG per prompt (and, with compare, base images and a grid); returns the paths."""
     prompts = list(cfg.prompt)
     if not prompts:
-        raise UserError("give at least one --prompt")
-    if cfg.lora and not (Path(cfg.lora) / LORA_WEIGHTS_NAME).exists():
-        raise UserError(f"no {LORA_WEIGHTS_NAME} in {cfg.lora}")
+        raise UserError("give at least one --prompt (or --prompts-file)")
+    parse_resolutions(cfg.resolution)  # SDXL renders multiples of 8
+    if cfg.compare and not cfg.lora:
+        raise UserError("--compare renders the base model beside a LoRA: pass --lora (without --compare, sample "
+                        "renders the base model alone)")
+    if cfg.lora:
+        lora_file(cfg.lora)  # there, and a LoRA: before the model loads
+    source = base_model(cfg, log)
+    check_output_folder(cfg.out, "--out")
     out = Path(cfg.out)
     names = [f"{i:02d}-{slug(p)}" for i, p in enumerate(prompts)]
     planned = [out / f"{n}.png" for n in names]
@@ -189,15 +363,12 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
     if existing and not cfg.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace images in {out}")
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model, device)
+    pipe = load_pipeline(source, device)
     written = []
     out.mkdir(parents=True, exist_ok=True)
     base = render(pipe, prompts, cfg, lora_scale=None) if (cfg.compare or not cfg.lora) else None
     if cfg.lora:
-        try:
-            load_into_pipeline(pipe, cfg.lora)  # any --lora-type (loha/lokr through peft)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"LoRA in {cfg.lora} does not fit {cfg.model}: {str(e).splitlines()[0][:300]}") from e
+        load_lora(pipe, cfg.lora, source.model, log)
         settings = lora_sampling(cfg.lora)
         if settings:  # a v-prediction / zero-SNR LoRA needs the scheduler it was trained for
             from diffusers import EulerDiscreteScheduler
@@ -211,7 +382,7 @@ def sample(cfg: SampleConfig, log=print) -> list[Path]:
     for name, im in zip(names, tuned):
         im.save(out / f"{name}.png")
         written.append(out / f"{name}.png")
-    if cfg.compare and cfg.lora:
+    if cfg.compare:
         for name, im in zip(names, base):
             im.save(out / f"{name}-base.png")
             written.append(out / f"{name}-base.png")

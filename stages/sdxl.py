@@ -17,6 +17,7 @@ import torch
 from cache.files import default_mode
 from stages.config import DEFAULT_MODEL, RANDOM_SDXL
 from stages.errors import UserError
+from stages.paths import did_you_mean, looks_like_path
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -69,9 +70,32 @@ class ModelSource:
             return "single_file"
         if os.path.isdir(self.model):
             return "folder"
-        if self.model.endswith(SINGLE_FILE_SUFFIXES) or self.model.startswith((".", "/", "~")):
-            raise UserError(f"model path not found: {self.model}")
+        if self.model.endswith(SINGLE_FILE_SUFFIXES) or looks_like_path(self.model):
+            raise UserError(f"model path not found: {self.model}{did_you_mean(self.model)}"
+                            + (" (a hub id has the form namespace/name)"
+                               if "/" in self.model and not self.model.startswith(("/", ".", "~")) else ""))
         return "hub"
+
+    def check(self) -> "ModelSource":
+        """Refuse, before anything loads, a model path that is not there (see `kind`) or is no model (a folder
+        without model_index.json or unet/, a file that is no .safetensors / .ckpt checkpoint), a --variant a
+        local folder does not have, and a --model-config path that is not there."""
+        kind = self.kind  # raises for a path that is not there
+        folder = Path(self.model)
+        if kind == "folder" and not ((folder / "model_index.json").is_file() or (folder / "unet").is_dir()):
+            raise UserError(f"--model {self.model} is not a diffusers model folder (no model_index.json or unet/); "
+                            "a single-file checkpoint is given as its .safetensors or .ckpt file")
+        if kind == "single_file" and not self.model.endswith(SINGLE_FILE_SUFFIXES):
+            raise UserError(f"--model {self.model} is a file but not a single-file checkpoint (.safetensors or .ckpt)")
+        if kind == "folder" and self.variant:
+            names = [p.name.split(".") for p in Path(self.model).rglob("*.*")]
+            variants = sorted({n[-2] for n in names if len(n) > 2 and n[-1] in ("safetensors", "bin")})
+            if self.variant not in variants:
+                raise UserError(f"--variant {self.variant}: {self.model} holds no weights of that variant"
+                                + (f" (it has {', '.join(variants)})" if variants else "; leave --variant out"))
+        if kind != "random" and self.model_config and looks_like_path(self.model_config) and not os.path.isdir(self.model_config):
+            raise UserError(f"--model-config {self.model_config}: folder not found{did_you_mean(self.model_config)}")
+        return self
 
     def describe(self) -> dict:
         return {"model": self.model, "revision": self.revision, "variant": self.variant,
@@ -81,6 +105,12 @@ class ModelSource:
         """The same source with local paths made absolute: what a cache records, so that `train` run from
         another folder, or from a moved cache, finds this very model (a relative path would find another one)."""
         return ModelSource(absolute_path(self.model), self.revision, self.variant, absolute_path(self.model_config))
+
+
+def check_vae(vae: str | None) -> None:
+    """Refuse a --vae path that is not there before anything loads (a hub id is looked up when it loads)."""
+    if vae and looks_like_path(vae) and not os.path.exists(vae):
+        raise UserError(f"--vae {vae}: file or folder not found{did_you_mean(vae)}")
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -103,13 +133,15 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def cache_model_source(encoder: dict, model: str | None = None, revision: str | None = None,
-                       variant: str | None = None, model_config: str | None = None) -> ModelSource:
+                       variant: str | None = None, model_config: str | None = None,
+                       allow_other: bool = False) -> ModelSource:
     """The model `train` uses with a cache whose manifest records `encoder`: --model if given, else the recorded one.
 
     A recorded local model that is not where the cache says (moved, deleted, or recorded as a relative path by
     an older version) is never looked for: the user points --model at it, and it must then hold the encoder
-    weights the cache was made with (the weight hashes the cache stores). Pointing --model elsewhere while the
-    recorded model is in place is a deliberate choice (a fine-tuned or UNet-only folder) and is not checked."""
+    weights the cache was made with (the weight hashes the cache stores). A --model other than the recorded one
+    while that is in place (a fine-tune, a UNet-only folder) is refused unless `allow_other` (--allow-other-model):
+    the cache's latents and embeddings come from the recorded model's VAE and text encoders."""
     recorded = ModelSource(encoder["model"], encoder.get("revision"), encoder.get("variant"), encoder.get("model_config"))
     missing = encoder.get("kind") in ("folder", "single_file") and not (
         os.path.isabs(recorded.model) and os.path.exists(recorded.model))
@@ -119,11 +151,46 @@ def cache_model_source(encoder: dict, model: str | None = None, revision: str | 
                             "of an older cache): pass --model with its location; it is checked against the encoder "
                             "weights the cache was made with")
         return ModelSource(recorded.model, revision or recorded.revision, variant or recorded.variant,
-                           model_config or recorded.model_config)
-    source = ModelSource(model, revision, variant, model_config)
-    if missing:
+                           model_config or recorded.model_config).check()
+    source = ModelSource(model, revision, variant, model_config).check()
+    same = absolute_path(source.model) == absolute_path(recorded.model) and (revision or recorded.revision) == recorded.revision
+    if missing and not allow_other:
         check_same_encoders(source, encoder)
+    elif not (same or missing or allow_other):
+        raise UserError(f"--model {model} is not the model the cache was encoded with ({recorded.model}"
+                        + (f", revision {recorded.revision}" if recorded.revision else "") + "): its latents and text "
+                        "embeddings come from that model's VAE and text encoders; leave --model out, encode a cache "
+                        "with this model, or pass --allow-other-model (e.g. a fine-tune of it with the same encoders)")
     return source
+
+
+def unet_layers(source: ModelSource) -> dict[str, str]:
+    """Every module of the source's UNet (path -> class name), built from its config on the meta device: no
+    weights are read. Where the config cannot be read without a download, SDXL base's bundled one."""
+    from diffusers import UNet2DConditionModel
+    try:
+        config = unet_config(source)
+    except UserError:
+        config = dict(SDXL_UNET_CONFIG)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return {name: type(module).__name__ for name, module in unet.named_modules()}
+
+
+def check_target_modules(source: ModelSource, targets: list[str], rank_pattern: dict[str, int]) -> None:
+    """Refuse, before the UNet loads, a --target-modules name that ends no Linear / Conv2d layer's path (peft would
+    fail, or skip it silently when other names match) and a --rank-pattern key that matches no adapted layer."""
+    from peft.utils.other import get_pattern_key
+    adaptable = [name for name, kind in unet_layers(source).items() if kind in ("Linear", "Conv2d")]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adaptable)]
+    if unknown:
+        short = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in adaptable})
+        raise UserError(f"--target-modules {','.join(unknown)}: no Linear or Conv2d layer of the UNet ends with that "
+                        f"name; it has {', '.join(short)}; or use a preset: attn, attn-ff, all-linear, all")
+    adapted = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]
+    for key in rank_pattern:
+        if not any(get_pattern_key([key], name) == key for name in adapted):
+            raise UserError(f"--rank-pattern {key}: matches no module of --target-modules {','.join(targets)}")
 
 
 def check_same_encoders(source: ModelSource, encoder: dict) -> None:
@@ -244,9 +311,12 @@ def unet_config(src: ModelSource) -> dict:
     from diffusers import UNet2DConditionModel
     if src.kind == "random":
         return dict(SDXL_UNET_CONFIG)
-    if src.kind == "single_file":
-        return dict(UNet2DConditionModel.load_config(src.model_config or DEFAULT_MODEL, subfolder="unet"))
-    return dict(UNet2DConditionModel.load_config(src.model, subfolder="unet", **_pretrained_kwargs(src)))
+    try:
+        if src.kind == "single_file":
+            return dict(UNet2DConditionModel.load_config(src.model_config or DEFAULT_MODEL, subfolder="unet"))
+        return dict(UNet2DConditionModel.load_config(src.model, subfolder="unet", **_pretrained_kwargs(src)))
+    except _load_errors() as e:
+        raise UserError(f"model {src.model} has no usable 'unet' part: {_first_line(e)}") from e
 
 
 def random_encoders(device: torch.device) -> dict:

@@ -27,8 +27,8 @@ from cache.files import write_json_atomic
 from cache.sampler import micro_batches, note_small_buckets
 from stages import checkpoint, distributed
 from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, resolution_stages, stage_resolution
-from stages.device import (CudaGraphs, apply_compile, check_attention, check_compile, enable_attention,
-                           enable_checkpointing, resolve_device, resolve_precision, use_cuda_graphs)
+from stages.device import (CudaGraphs, apply_compile, check_device_options, enable_attention, enable_checkpointing,
+                           resolve_device, resolve_precision, use_cuda_graphs)
 from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora
 from stages.optim import EMA, FlatGroups, load_training_states, setup_optimizer, training_states, weights_in_use
@@ -36,9 +36,9 @@ from stages.outputs import save_final_lora, save_training_checkpoint
 from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
-from stages.report import MetricsLogger, check_report_to, plot_losses, write_model_card
+from stages.report import MetricsLogger, check_report_to, plot_losses, plural, write_model_card
 from stages.sample import Validator
-from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, load_noise_scheduler, load_unet
+from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
 
 
 # ------------------------------------------------------------------------------- the training step
@@ -192,8 +192,8 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
                          cfg.timestep_sampling, cfg.caption_dropout, reader.empty_prompt() if cfg.caption_dropout
                          else None, cfg.cache, device, cfg.loss, cfg.huber_c, cfg.huber_schedule, cfg.debiased_estimation)
     check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
-    check_attention(cfg.attention, device)
-    check_compile(cfg.compile, device)
+    check_device_options(cfg.attention, cfg.compile, device)
+    check_target_modules(source, cfg.target_module_list, cfg.rank_pattern_dict)
     graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log)
     unet, named, base = _setup_unet(cfg, source, reader, device, autocast_dtype, log)
     noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
@@ -209,7 +209,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
         cfg.loraplus_lr_ratio, cfg.ema_decay, torch.device("cpu" if cfg.ema_device == "cpu" else device), device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     trainable = sum(p.numel() for _, p in named)
-    resolved = {"model": source.describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."), **base,
+    resolved = {"model": source.resolved().describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."), **base,
                 "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs,
                 "trainable_parameters": trainable, "effective_batch": cfg.batch_size * cfg.grad_accum * world,
                 "device": str(device), "world_size": world, "global_batch_size": cfg.batch_size * world,
@@ -256,7 +256,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     if cfg.validate_every and not reader.manifest.validation_prompts:
         raise UserError(f"--validate-every needs validation prompts in the cache: encode {reader.path} again with "
                         "--validation-prompt \"...\" (the samples stay as they are)")
-    source = cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config)
+    source = cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config, cfg.allow_other_model)
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
     main, world = distributed.is_main(), distributed.world_size()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
@@ -336,8 +336,8 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
         "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
     }
-    log(f"trained {summary['trained_steps']} steps in {summary['seconds']:.1f} s; final loss "
-        f"{summary['final_loss']:.4f} (mean of last 10)"
+    log(f"trained {plural(summary['trained_steps'], 'step')} in {summary['seconds']:.1f} s; final loss "
+        f"{summary['final_loss']:.4f} (mean of the last {plural(len(losses[-10:]), 'step')})"
         + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
         + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
         + f" -> {out / LORA_WEIGHTS_NAME}")

@@ -36,12 +36,19 @@ def test_flop_count_is_linear_in_batch_and_grows_with_resolution(tiny_model):
     assert 2 * one < big < 16 * one
 
 
-def test_parse_size_and_budget_errors():
+def test_parse_size_and_budget_errors(tiny_model):
     assert parse_size("16GiB") == 16 * 2**30 and parse_size("12000MB") == 12 * 10**9
     with pytest.raises(UserError, match="give a size"):
         parse_size("lots")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        bench(BenchConfig(vram_budget="8GiB", device="cpu"), **QUIET)
+        bench(BenchConfig(model=str(tiny_model), vram_budget="8GiB", device="cpu"), **QUIET)
+
+
+def test_bench_of_the_full_size_model_on_a_cpu_is_refused_at_once(monkeypatch):
+    import stages.bench
+    monkeypatch.setattr(stages.bench, "run_one", lambda *a, **k: pytest.fail("bench built a model"))
+    with pytest.raises(UserError, match="random:sdxl builds the full-size SDXL UNet .* --model w/tiny-sdxl"):
+        bench(BenchConfig(device="cpu"), **QUIET)
 
 
 def test_bench_reports_the_base_weights_mode(tiny_model):

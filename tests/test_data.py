@@ -100,6 +100,19 @@ def test_kohya_folder_txt_captions(tmp_path):
     assert_records(open_source(str(folder)), expected)
 
 
+def test_a_byte_order_mark_is_not_part_of_captions_or_column_names(tmp_path, image_files):
+    """Windows editors and Excel's "CSV UTF-8" start files with U+FEFF: it must not reach a caption or a header."""
+    kohya, csv_folder, jsonl_folder = (tmp_path / n for n in ("kohya", "csv", "jsonl"))
+    for folder in (kohya, csv_folder, jsonl_folder):
+        folder.mkdir()
+        shutil.copy(image_files[0], folder / "a.png")
+    (kohya / "a.txt").write_bytes("\ufeffa caption".encode("utf-8"))
+    (csv_folder / "metadata.csv").write_bytes("\ufefffile_name,text\r\na.png,a caption\r\n".encode("utf-8"))
+    (jsonl_folder / "metadata.jsonl").write_bytes('\ufeff{"file_name": "a.png", "text": "a caption"}\n'.encode("utf-8"))
+    for folder in (kohya, csv_folder, jsonl_folder):
+        assert [(r.key, r.caption) for r in open_source(str(folder)).records] == [("a.png", "a caption")], folder.name
+
+
 def test_kohya_folder_missing_and_bad_captions(tmp_path):
     from stages.data import check_caption
     folder = tmp_path / "kohya_bad"
@@ -171,7 +184,7 @@ def test_hub_dataset_load_error_is_user_error(monkeypatch):
     def missing(*args, **kwargs):
         raise datasets.exceptions.DatasetNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nmore")
     monkeypatch.setattr(datasets, "load_dataset", missing)
-    with pytest.raises(UserError, match=r"cannot load dataset 'nobody/nothing' \(split 'train'\): .*doesn't exist") as e:
+    with pytest.raises(UserError, match=r"cannot load dataset 'nobody/nothing' \(split 'train'\) from the hub, and there is no local folder .*doesn't exist") as e:
         open_source("nobody/nothing")
     assert "\n" not in str(e.value)
 

@@ -282,6 +282,8 @@ def test_cli_info_and_verify(cli_cache, tmp_path):
                      f"fingerprint      {m.fingerprint}", f"dataset          {m.dataset['name']} [train]"):
         assert expected in plain.stdout.splitlines(), expected
     assert "intact" not in plain.stdout
+    assert f"model            {m.encoder['model']}" in plain.stdout.splitlines()  # no "(revision None, variant None)"
+    assert "vae override     none (the model's own VAE)" in plain.stdout.splitlines() and "None" not in plain.stdout
 
     verified = runner.invoke(pipeline_cli, ["info", str(cache), "--verify"])
     assert verified.exit_code == 0, verified.output
@@ -385,6 +387,15 @@ def test_broken_image_is_skipped_with_reason(tmp_path, tiny_model, image_folder)
     assert len(reader) == 2 and reader[1]["key"] == "c_good.png"
 
 
+def test_skip_reasons_show_no_python_objects(tmp_path):
+    from stages.data import Record, Source
+    from stages.encode import PreprocessDataset
+    (tmp_path / "x.png").write_bytes(b"this is not an image")
+    source = Source(str(tmp_path), [Record("x.png", "a caption", str(tmp_path / "x.png"))])
+    item = PreprocessDataset(source, source.records, encode_config("m", tmp_path, tmp_path / "c"))[0]
+    assert item["skip"] == "cannot decode image: UnidentifiedImageError: cannot identify image file"  # no <_io.BytesIO …>
+
+
 def test_long_captions_warn_with_count(tmp_path, tiny_model, image_folder, pipe):
     src = sorted(image_folder.glob("*.png"))[:3]
     long_1 = "a very long caption about a red circle " * 12
@@ -396,7 +407,8 @@ def test_long_captions_warn_with_count(tmp_path, tiny_model, image_folder, pipe)
     m = encode(encode_config(tiny_model, images, tmp_path / "cache"), log=logs.append)
     assert [s.caption for s in m.samples] == ["short caption", long_1.strip(), long_2.strip()]
     warnings = [line for line in logs if "longer than 77 tokens" in line]
-    assert warnings == ["warning: 2 caption(s) are longer than 77 tokens and were truncated"]
+    assert warnings == ["warning: 2 caption(s) are longer than 77 tokens and were truncated to their first 77 "
+                        "tokens: b.png, c.png"]
     # the truncated caption is encoded as diffusers encodes it (first 77 tokens)
     prompt_embeds, _, pooled, _ = pipe.encode_prompt(long_1.strip(), device="cpu", num_images_per_prompt=1,
                                                      do_classifier_free_guidance=False)

@@ -63,6 +63,24 @@ def test_model_card_holds_data_hyperparameters_result_prompts_and_how_to_load():
     assert "the fourth one" not in card  # only the first 3 captions
 
 
+def test_model_card_lists_every_setting_that_changes_training_and_says_what_the_fingerprint_is():
+    from stages.report import NOT_LEARNING
+    cfg, manifest, summary = card_inputs()
+    cfg.update(lora_type="dora", rank_pattern="to_k=4", noise_offset=0.05, min_snr_gamma=5.0, caption_dropout=0.1,
+               timestep_sampling="logit-normal", rescale_betas_zero_snr=True, cache_samples="d" * 64,
+               some_new_option=3)  # an option added later is listed without touching the card
+    card = model_card(cfg, manifest, summary)
+    for text in ("| adapter | DoRA, rank pattern `to_k=4` |", "| noise offset | 0.05 |", "| min-SNR γ | 5 |",
+                 "| caption dropout | 0.1 |", "| timestep sampling | logit-normal |", "| zero terminal SNR | on |",
+                 "| --some-new-option | `3` |", "| prediction type | the model's |",
+                 f"cache fingerprint: `{'f' * 64}` (the encoders, preprocessing and dtype the cache was made with; not "
+                 "the images)", f"data digest: `{'d' * 64}`"):
+        assert text in card, text
+    plain = model_card(*card_inputs())
+    assert "| noise offset | off |" in plain and "| min-SNR γ | off (plain MSE) |" in plain and "None" not in plain
+    assert not set(NOT_LEARNING) & {"noise_offset", "min_snr_gamma", "caption_dropout", "lora_type", "rank_pattern"}
+
+
 def test_model_card_of_a_single_file_model_loads_through_its_config_folder():
     cfg, manifest, summary = card_inputs(out="out dir")
     cfg["resolved"]["model"] = {"model": "/ckpt/sdxl.safetensors", "kind": "single_file", "variant": "fp16",

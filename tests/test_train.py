@@ -218,8 +218,19 @@ def test_training_runs_without_vae_and_text_encoders(tmp_path, fp32_cache, tiny_
     shutil.copytree(tiny_model, unet_only)
     for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.rmtree(unet_only / part)
-    summary = train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2), **QUIET)
+    from stages.errors import UserError
+    with pytest.raises(UserError, match="is not the model the cache was encoded with .* --allow-other-model"):
+        train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2), **QUIET)
+    summary = train(train_config(fp32_cache, tmp_path / "out", model=str(unet_only), max_steps=2,
+                                 allow_other_model=True), **QUIET)
     assert (tmp_path / "out" / LORA_WEIGHTS_NAME).exists() and summary["final_loss"] > 0
+
+
+def test_a_short_run_says_what_its_final_loss_averages(tmp_path, fp32_cache):
+    logs = []
+    train(train_config(fp32_cache, tmp_path / "out", max_steps=1, checkpoint_every=0), log=logs.append)
+    line = next(line for line in logs if line.startswith("trained "))
+    assert line.startswith("trained 1 step in ") and "(mean of the last 1 step)" in line, line
 
 
 def test_cache_that_does_not_fit_the_unet_is_refused(tmp_path, tiny_model):
