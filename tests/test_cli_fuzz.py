@@ -283,7 +283,8 @@ def inject(monkeypatch, site: str, code: int) -> None:
 
 WRITES = [("encode", "rename"), ("encode", "safetensors"), ("encode", "lock"),
           ("train", "rename"), ("train", "safetensors"), ("train", "metrics"), ("train", "lock"),
-          ("export", "safetensors"), ("export-diffusers", "safetensors"), ("sample", "image")]
+          ("export", "rename"),  # the kohya file's bytes are written by export itself, then renamed into place
+          ("export-diffusers", "safetensors"), ("sample", "image")]
 MESSAGES = {errno.ENOSPC: "disk full while writing", errno.EACCES: "permission denied",
             errno.EROFS: "read-only file system"}
 
