@@ -129,35 +129,35 @@ def resolve_target_modules(spec: str) -> list[str]:
     return [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def parse_rank_pattern(spec: str | None) -> dict[str, int]:
-    """`--rank-pattern "to_k=8,mid_block.*=32"` -> peft's rank_pattern {"to_k": 8, "mid_block.*": 32}."""
-    pattern = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, _, rank = item.partition("=")
-        if not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
-            raise ValueError(f"--rank-pattern {item.strip()!r}: expected name=rank with a rank >= 1, e.g. to_k=8")
-        pattern[name.strip()] = int(rank)
-    return pattern
-
-
-def parse_block_lr(spec: str | None) -> dict[str, float]:
-    """`--block-lr "down_blocks.0=0.5,mid_block=1.5"` -> {"down_blocks.0": 0.5, "mid_block": 1.5}."""
+def _name_values(spec: str | None, convert, error: Exception) -> dict:
+    """'name=value,...' -> {name: convert(value)}; `convert` returns None for a bad value, which raises `error`."""
     pattern = {}
     for item in (spec or "").split(","):
         if not item.strip():
             continue
         name, _, value = item.partition("=")
-        try:
-            scale = float(value)
-        except ValueError:
-            scale = -1.0
-        if not name.strip() or scale <= 0:
-            raise UserError(f"--block-lr {item.strip()!r}: expected pattern=multiplier with a multiplier > 0, "
-                            "e.g. down_blocks.0=0.5")
-        pattern[name.strip()] = scale
+        converted = convert(value.strip())
+        if not name.strip() or converted is None:
+            raise type(error)(str(error).format(item=item.strip()))
+        pattern[name.strip()] = converted
     return pattern
+
+
+def parse_rank_pattern(spec: str | None) -> dict[str, int]:
+    """`--rank-pattern "to_k=8,mid_block.*=32"` -> peft's rank_pattern {"to_k": 8, "mid_block.*": 32}."""
+    return _name_values(spec, lambda v: int(v) if v.isdigit() and int(v) >= 1 else None,
+                        ValueError("--rank-pattern {item!r}: expected name=rank with a rank >= 1, e.g. to_k=8"))
+
+
+def parse_block_lr(spec: str | None) -> dict[str, float]:
+    """`--block-lr "down_blocks.0=0.5,mid_block=1.5"` -> {"down_blocks.0": 0.5, "mid_block": 1.5}."""
+    def multiplier(value: str) -> float | None:
+        try:
+            return float(value) if float(value) > 0 else None
+        except ValueError:
+            return None
+    return _name_values(spec, multiplier, UserError("--block-lr {item!r}: expected pattern=multiplier with a "
+                                                     "multiplier > 0, e.g. down_blocks.0=0.5"))
 
 
 def resolution_stages(schedule: str | None, available: list[int], max_steps: int,
