@@ -123,7 +123,7 @@ def test_lora_trains_on_the_fp8_base_and_loads_into_an_ordinary_pipeline(tiny_mo
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_peft_wraps_bitsandbytes_layers_with_its_qlora_classes_and_the_usual_keys(tiny_model, mode):
     # bitsandbytes 0.50 also runs on the CPU, slowly: enough to check the conversion and peft's view of it here
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401  (a dependency: this test must run, never skip)
     import peft.tuners.lora.bnb as peft_bnb
     unet = load_unet(ModelSource(str(tiny_model)))
     count = convert_linears(unet, mode, torch.float32, CPU)
