@@ -67,6 +67,24 @@ def test_graph_losses_equal_eager(tiny, precision, checkpointing):
     assert max(v.abs().max().item() for k, v in graph_lora.items() if "lora_B" in k) > 0  # it trained
 
 
+@pytest.mark.parametrize("options", [
+    dict(loss="huber", huber_schedule="snr", min_snr_gamma=5.0, noise_offset=0.05),
+    dict(loss="smooth_l1", huber_schedule="exponential", debiased_estimation=True, timestep_sampling="stratified"),
+    dict(ema_decay=0.99, loraplus_lr_ratio=4.0, block_lr="down_blocks=0.5,up_blocks=2"),
+    dict(optimizer="adamw", prediction_type="v_prediction", caption_dropout=0.3, lora_type="dora"),
+], ids=["huber-minsnr-offset", "smoothl1-debiased-stratified", "ema-loraplus-blocklr", "adamw-v-dropout-dora"])
+def test_graph_options_equal_eager(tiny, options):
+    """The training options added after the graph path (loss shapes, EMA, several flat buffers) replay exactly."""
+    logs = []
+    name = "-".join(str(v) for v in options.values()).replace("=", "").replace(",", "")
+    eager, eager_lora = run(tiny, "square", f"eager-{name}", cuda_graphs="off", **options)
+    graph, graph_lora = run(tiny, "square", f"graph-{name}", logs.append, cuda_graphs="on", **options)
+    assert not [line for line in logs if "capture failed" in line], logs
+    assert len(graph) == len(eager) == STEPS
+    assert max(abs(a - b) for a, b in zip(graph, eager)) <= 1e-3, (graph, eager)
+    assert max_diff(graph_lora, eager_lora) <= 5e-3  # (see test_graph_losses_equal_eager)
+
+
 def test_graph_resume_continues_the_uninterrupted_run(tiny):
     full, full_lora = run(tiny, "square", "full", cuda_graphs="on", checkpoint_every=10)
     resumed_dir = tiny / "resumed"
