@@ -71,8 +71,8 @@ def test_graph_losses_equal_eager(tiny, precision, checkpointing):
     dict(loss="huber", huber_schedule="snr", min_snr_gamma=5.0, noise_offset=0.05),
     dict(loss="smooth_l1", huber_schedule="exponential", debiased_estimation=True, timestep_sampling="stratified"),
     dict(ema_decay=0.99, loraplus_lr_ratio=4.0, block_lr="down_blocks=0.5,up_blocks=2"),
-    dict(optimizer="adamw", prediction_type="v_prediction", caption_dropout=0.3, lora_type="dora"),
-], ids=["huber-minsnr-offset", "smoothl1-debiased-stratified", "ema-loraplus-blocklr", "adamw-v-dropout-dora"])
+    dict(optimizer="adamw", prediction_type="v_prediction", rescale_betas_zero_snr=True, lora_type="dora"),
+], ids=["huber-minsnr-offset", "smoothl1-debiased-stratified", "ema-loraplus-blocklr", "adamw-v-zerosnr-dora"])
 def test_graph_options_equal_eager(tiny, options):
     """The training options added after the graph path (loss shapes, EMA, several flat buffers) replay exactly."""
     logs = []
