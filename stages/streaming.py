@@ -30,29 +30,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from stages.config import parse_stream_blocks
 from stages.errors import UserError
 
 UNIT_TYPES = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")  # diffusers class names
 
 
-def parse_stream_blocks(value: str) -> int | None:
-    """--stream-blocks: None for auto, 0 for off, else the number of resident units (>= 1)."""
-    if value == "auto":
-        return None
-    if value == "off":
-        return 0
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"--stream-blocks {value}: expected auto, off or a number of blocks >= 1, e.g. 4")
-    return int(value)
-
-
-def check_stream_blocks(value: str, compile: str, world: int) -> int:
+def check_stream_blocks(value: str, world: int) -> int:
     """The number of resident units for `value` (auto: off; the planner resolves auto before this), refusing what
     cannot stream, before anything loads."""
     blocks = parse_stream_blocks(value) or 0
-    if blocks and compile != "none":
-        raise UserError(f"--stream-blocks {value} with --compile {compile}: compiled blocks cannot run the streaming "
-                        "hooks; use --compile none")
     if blocks and world > 1:
         raise UserError(f"--stream-blocks {value}: not under torchrun yet (DDP syncs the frozen weights at start); "
                         "use one process or --stream-blocks off")
@@ -163,7 +150,8 @@ class BlockStreamer:
             seen.add(storage._cdata)
             host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.cuda)
             host.copy_(_bytes(storage))
-            if t.device != self.device:  # still on the host: a device twin (one tensor's memory, for a moment)
+            if t.device != self.device or not storage.resizable():  # on the host, or memory-mapped from a file:
+                # a device twin of its own (one tensor's memory, for a moment)
                 twin = torch.UntypedStorage(storage.nbytes(), device=self.device)
                 t.data = torch.empty(0, dtype=t.dtype, device=self.device).set_(twin, t.storage_offset(), t.shape,
                                                                                  t.stride())
@@ -233,3 +221,9 @@ def attach_streaming(unet: nn.Module, blocks: int, device: torch.device, log) ->
         f"(at most {sum(largest) / 2**30:.2f} GiB)")
     unet.block_streamer = streamer
     return streamer
+
+
+def streamed_bytes(unet: nn.Module) -> int:
+    """Host -> device bytes copied so far by the UNet's BlockStreamer (0 if not streamed)."""
+    streamer = getattr(unet, "block_streamer", None)
+    return streamer.bytes_in if streamer else 0
