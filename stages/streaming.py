@@ -126,8 +126,8 @@ def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 class BlockStreamer:
     """Streams the frozen tensors of `stream_units(unet)` onto `device`, `capacity` units resident at most. Call before
-    `unet.to(device)`: it moves each unit's frozen tensors to host memory (a unit on the CPU does not pass through
-    the device); `unet.to(device)` then moves the rest. `bytes_in` counts host -> device bytes."""
+    `unet.to(device)`: it moves each unit's frozen tensors to host memory (a unit still on the CPU reaches the
+    device one tensor's memory at a time, freed at once); `unet.to(device)` then moves the rest. `bytes_in` counts host -> device bytes."""
 
     def __init__(self, unet: nn.Module, capacity: int, device: torch.device):
         self.device, self.bytes_in = device, 0

@@ -26,6 +26,7 @@ from cache import CacheReader
 from cache.files import write_json_atomic
 from cache.sampler import micro_batches, note_small_buckets
 from stages import checkpoint, distributed
+from stages.budget import watch_memory
 from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, resolution_stages, stage_resolution
 from stages.device import (CudaGraphs, apply_compile, check_device_options, enable_attention, enable_checkpointing,
                            resolve_device, resolve_precision, use_cuda_graphs)
@@ -33,13 +34,12 @@ from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora
 from stages.optim import EMA, FlatGroups, load_training_states, setup_optimizer, training_states, weights_in_use
 from stages.outputs import save_final_lora, save_training_checkpoint
-from stages.budget import watch_memory
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
 from stages.report import MetricsLogger, check_report_to, plot_losses, plural, write_model_card
 from stages.sample import Validator
-from stages.streaming import attach_streaming, check_stream_blocks
 from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
+from stages.streaming import attach_streaming, check_stream_blocks
 
 
 # ------------------------------------------------------------------------------- the training step
@@ -170,7 +170,7 @@ class Model:
 def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, device, autocast_dtype, log, blocks: int):
     """The frozen UNet (as --base-weights, streamed if blocks) with the adapter; returns (unet, [(name, LoRA param)], base info)."""
     log(f"loading the UNet from {source.model}")
-    on_cpu = cfg.base_weights in QUANTIZED or blocks  # a quantized base reaches the GPU one quantized layer at a time
+    on_cpu = cfg.base_weights in QUANTIZED or blocks  # a quantized / streamed base reaches the GPU a layer / block at a time
     unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=torch.device("cpu") if on_cpu else device)
     base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     check_cache_fits(unet.config, reader[0], reader.path)
