@@ -163,3 +163,16 @@ def test_memory_watch_stops_an_overrun_with_a_configuration_that_fits():
     with pytest.raises(torch.cuda.OutOfMemoryError):  # unwatched: the usual out-of-memory message
         with MemoryWatch(torch.device("cpu")).guard(1):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+
+def test_bench_row_reports_the_bytes_streamed_per_step(tiny_model):
+    from stages.bench import bench
+    from stages.config import BenchConfig
+    row, = bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=1, device="cpu", stream_blocks="2"),
+                 **QUIET)
+    from stages.sdxl import ModelSource, load_unet
+    unet = load_unet(ModelSource(str(tiny_model)))
+    frozen = sum(p.nbytes for _, m in stream_units(unet) for p in m.parameters())  # no LoRA yet: all frozen
+    # grad-accum 4 micro-batches, each every block in forward and (at most) again in backward
+    assert row["stream_blocks"] == 2 and 4 * frozen / GIB <= row["h2d_gib_per_step"] + 1e-3 <= 8 * frozen / GIB + 2e-3
+    assert row["cuda_graphs"] is False
