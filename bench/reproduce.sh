@@ -27,7 +27,7 @@ sections (RESULTS.md names the section next to each heading):
   encode       encode --model random:sdxl of 512 generated JPEGs: defaults, and 12 workers x batch 16
   buckets      encode --resolution 1024 --buckets of 64 generated JPEGs, info, and 6 steps of train on them
   stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4/bf16 at 1024², nf4 unstreamed eager beside it
-  stream-budget train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
+  stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
 Sections measured before 2026-12-01 ran eagerly; since then train and bench capture CUDA graphs by default:
