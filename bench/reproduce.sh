@@ -26,6 +26,8 @@ sections (RESULTS.md names the section next to each heading):
   quantized-q  the quantized table's rows marked (q): nf4 b1 x ga4, nf4/fp8/int8 b4 x ga1, fp8 at 1024²
   encode       encode --model random:sdxl of 512 generated JPEGs: defaults, and 12 workers x batch 16
   buckets      encode --resolution 1024 --buckets of 64 generated JPEGs, info, and 6 steps of train on them
+  stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4/bf16 at 1024², nf4 unstreamed eager beside it
+  stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
 Sections measured before 2026-12-01 ran eagerly; since then train and bench capture CUDA graphs by default:
@@ -35,7 +37,7 @@ EOF
 
 section=${1:-}
 case $section in
-  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed) ;;
+  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-budget) ;;
   *) [ -n "$section" ] && echo "unknown section: $section" >&2; usage >&2; exit 2;;
 esac
 dir=${OUT:-/tmp/reproduce}/$section
@@ -99,11 +101,11 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         r = json.loads(line)
         print("   {recipe}: {resolution}px {precision}, base {base_weights} ({base_gib} GiB), b{micro_batch} x ga{grad_accum}, "
-              "ckpt {checkpointing}, compile {compile}, {optimizer}: peak alloc {peak_allocated_gib} / reserved "
+              "ckpt {checkpointing}, compile {compile}, stream {stream_blocks} ({h2d_gib_per_step} GiB/step in), {optimizer}: peak alloc {peak_allocated_gib} / reserved "
               "{peak_reserved_gib} GiB, {images_per_s} img/s, {median_step_s} s/step, first step {time_to_first_step_s} s, "
               "UNet fwd {unet_forward_tflop_per_image} TFLOP/img, MFU {mfu} (matmul peak {matmul_peak_tflops} TFLOP/s), "
               "last loss {last_loss}; CUDA graphs {cuda_graphs}: per step {profile_step_ms} ms, host {host_ms_per_step} ms, "
-              "GPU busy {gpu_busy_ms_per_step} ms".format_map({"cuda_graphs": None, "profile_step_ms": None,
+              "GPU busy {gpu_busy_ms_per_step} ms".format_map({"cuda_graphs": None, "profile_step_ms": None, "stream_blocks": None, "h2d_gib_per_step": None,
                                                               "host_ms_per_step": None, "gpu_busy_ms_per_step": None,
                                                               **{"mfu": None, "matmul_peak_tflops": None, "peak_allocated_gib": None,
                                                   "peak_reserved_gib": None, **r}}))
@@ -266,6 +268,25 @@ buckets)  # 'Buckets end to end on the GPU'
   TAIL=1 run train train --cache "$dir/cache" --output "$dir/train" --max-steps 6 --batch-size 2 --grad-accum 1 --checkpoint-every 0 --num-workers 2
   metrics "$dir/train"
   python3 -c 'import json, sys; print("   grad norms", [round(json.loads(l)["grad_norm"], 4) for l in open(sys.argv[1] + "/metrics.jsonl")])' "$dir/train"
+  ;;
+stream)  # 'The memory floor' (issue #21): streamed blocks, 2 resident, per base format; eager, short runs
+  for w in nf4 fp8 int8 bf16; do bench "s512_$w" --base-weights $w --stream-blocks 2 --steps 3 --warmup 1; done
+  for w in nf4 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1; done
+  bench nf4_eager --base-weights nf4 --cuda-graphs off --steps 3 --warmup 1
+  ;;
+stream-budget)  # 'The memory floor': --vram-budget at 1024² with validation (2 prompts, 4 steps) every 3 steps
+  cache "$dir/c1024" 16 1024 2
+  for b in 4 2.5; do
+    TAIL=20 run "budget$b" train --cache "$dir/c1024" --model random:sdxl --num-workers 2 --warmup-steps 0 --output "$dir/b$b" \
+      --max-steps 6 --checkpoint-every 0 --validate-every 3 --validation-steps 4 --vram-budget "${b}GiB" || true
+    [ -f "$dir/b$b/train_config.json" ] && python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1] + "/train_config.json")); rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+print("   ran with:", {k: c[k] for k in ("base_weights", "stream_blocks", "gradient_checkpointing", "batch_size", "grad_accum")})
+print("   peak alloc / reserved %.3f / %.3f GiB; validation reserved %s GiB; img/s %s" % (max(r["peak_gib"] for r in rows),
+      max(r["peak_reserved_gib"] for r in rows), [r.get("validation_reserved_gib") for r in rows if "validation_image" in r],
+      [r["images_per_s"] for r in rows]))' "$dir/b$b"
+  done
   ;;
 speed)  # "Fast by default" (2026-12-01): CUDA graphs (the default), flat 8-bit AdamW; one bench per row
   bench defaults --baseline --steps 10 --warmup 2

@@ -16,12 +16,14 @@ import torch
 from cache import CacheReader
 from cache.format import Manifest, fingerprint
 from cache.writer import CacheWriter, write_validation
-from stages.config import RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions, resolve_target_modules
+from stages.config import (RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions, parse_stream_blocks,
+                           resolve_target_modules)
 from stages.device import (apply_compile, cap_gpu_memory, check_device_options, resolve_device, resolve_precision,
                            synchronize, use_cuda_graphs)
 from stages.errors import UserError
 from stages.quantize import check_base_weights
 from stages.sdxl import ModelSource, check_target_modules, load_encoders, random_encoders, unet_config
+from stages.streaming import streamed_bytes
 
 
 def write_synthetic_cache(folder: str | Path, num_samples: int = 64, resolution: int = 512, dtype: str = "fp16",
@@ -101,12 +103,12 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, max_steps=total + profiled, warmup_steps=0, optimizer=cfg.optimizer,
                        mixed_precision=cfg.mixed_precision, seed=cfg.seed, base_weights=cfg.base_weights,
-                       device=device.type, num_workers=0, checkpoint_every=0,
+                       device=device.type, num_workers=0, checkpoint_every=0, stream_blocks=cfg.stream_blocks,
                        cuda_graphs="off" if cfg.compile == "regional-graphs" else cfg.cuda_graphs)
     if baseline:  # the reference recipe at the same effective batch: FP32, checkpointing, micro-batch 1, 8-bit AdamW
         tcfg = dataclasses.replace(tcfg, mixed_precision="no", base_weights="auto", gradient_checkpointing=True,
                                    batch_size=1, grad_accum=cfg.batch_size * cfg.grad_accum, optimizer="adamw8bit",
-                                   cuda_graphs="off")
+                                   cuda_graphs="off", stream_blocks="off")
     uc = unet_config(ModelSource(cfg.model))
     pooled = uc["projection_class_embeddings_input_dim"] - 6 * uc["addition_time_embed_dim"]
     started = time.perf_counter()
@@ -124,8 +126,10 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             encoders = random_encoders(device) if source.kind == "random" else {
                 k: v.to(device) for k, v in load_encoders(source).items() if not k.startswith("tokenizer")}
         flops = None
-        times, first_step = [], None
+        times, first_step, copied = [], None, {}
         for step, micro in train_batches(reader, tcfg, 0, device):
+            if step in (cfg.warmup, total):  # host -> device bytes of a streamed UNet over the timed steps
+                copied[step] = streamed_bytes(model.unet)
             if step == total:
                 profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                               torch.profiler.ProfilerActivity.CUDA])
@@ -172,6 +176,9 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             "unet_forward_tflop_per_image": round(flops / 1e12, 4),
             "last_loss": round(result["loss"], 5),
             "cuda_graphs": model.resolved["cuda_graphs"] and not (model.graphs and model.graphs.failed),
+            "stream_blocks": model.resolved["stream_blocks"],
+            "h2d_gib_per_step": round((copied.get(total, streamed_bytes(model.unet)) - copied[cfg.warmup])
+                                      / len(timed) / 2**30, 3),
         }
         if device.type == "cuda":
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -207,7 +214,7 @@ def check_bench(cfg: BenchConfig, device: torch.device) -> None:
     check_device_options("auto", cfg.compile, device)
     resolve_precision(cfg.mixed_precision, device)
     check_base_weights(cfg.base_weights, device, "lora")
-    use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, 1, lambda *a: None)
+    use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, 1, lambda *a: None, streamed=bool(parse_stream_blocks(cfg.stream_blocks)))
     source = ModelSource(cfg.model).check()
     check_target_modules(source, resolve_target_modules(cfg.target_modules), {})
     if source.kind == "random" and device.type != "cuda":
@@ -239,7 +246,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         row["torch"] = torch.__version__
         rows.append(row)
     keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "base_weights", "base_gib",
-            "checkpointing", "cuda_graphs", "compile", "optimizer", "peak_allocated_gib", "peak_reserved_gib",
+            "checkpointing", "cuda_graphs", "compile", "stream_blocks", "h2d_gib_per_step", "optimizer", "peak_allocated_gib", "peak_reserved_gib",
             "images_per_s", "time_to_first_step_s", "mfu", "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step"]
     for k in keys:
         log(f"{k:22s}" + "".join(f"{str(r.get(k, '-')):>40s}" for r in rows))

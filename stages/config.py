@@ -96,6 +96,23 @@ def check_fields(cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parsing
+def parse_stream_blocks(value: str) -> int | None:
+    """--stream-blocks: None for auto, 0 for off, else the number of resident blocks (>= 1)."""
+    if value == "auto":
+        return None
+    if value == "off":
+        return 0
+    if not str(value).isdigit() or int(value) < 1:
+        raise UserError(f"--stream-blocks {value}: expected auto, off or a number of blocks >= 1, e.g. 4")
+    return int(value)
+
+
+def check_budget(text: str) -> None:
+    """--vram-budget: auto (the card's free memory) or a size."""
+    if text != "auto":
+        parse_size(text)
+
+
 def parse_size(text: str) -> int:
     """'16GiB' / '12000MB' / '512MiB' -> bytes."""
     units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
@@ -261,7 +278,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward: far less memory; with CUDA graphs it costs ~30% of the step.")
     cuda_graphs: str = opt("auto", "Capture each micro-batch's forward + backward as one CUDA graph per input shape and replay it (removes the host's kernel-launch time, the bottleneck at small batches): auto = on for CUDA unless --compile regional-graphs; falls back to eager with a note where capture fails.", choices=CUDA_GRAPHS)
     compile: str = opt("none", "none; regional: torch.compile of the UNet's repeated transformer blocks (diffusers compile_repeated_blocks; CUDA; ~20-40 s before the first step; inside the CUDA graph too); regional-graphs: the same in mode reduce-overhead, each block its own CUDA graph (instead of --cuda-graphs).", choices=COMPILE_MODES)
-    vram_budget: str | None = opt(None, "GPU memory to fit, e.g. 12GiB: picks the fastest checkpointing / base weights / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, and caps this process at it (CUDA; overrides those flags).")
+    vram_budget: str | None = opt(None, "GPU memory to fit, e.g. 12GiB, or auto (this card's free memory): picks the fastest checkpointing / base weights / block streaming / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, caps this process at it, measures the first steps and stops with a configuration that fits if the real peak is over (CUDA; overrides those flags).")
+    stream_blocks: str = opt("auto", "Keep the frozen UNet's blocks (91 in SDXL: ResNet, transformer, up/down-sampling blocks) in pinned host memory and copy them in on a side CUDA stream, N resident at a time, prefetched in forward and backward order: a number N, off, or auto (what --vram-budget chooses; otherwise off). Eager only (no CUDA graphs); the LoRA is unchanged.")
     batch_size: int = opt(1, "Samples per micro-batch.", check="positive")
     grad_accum: int = opt(4, "Micro-batches per optimizer step.", check="positive")
     learning_rate: float | None = opt(None, "Peak learning rate (default per --optimizer: adamw, adamw8bit 5e-5; prodigy 1.0; adafactor 1e-4; adamw-schedulefree 2e-4).", check="positive")
@@ -312,7 +330,14 @@ class TrainConfig:
         if not self.target_module_list:
             raise UserError("--target-modules: name at least one module, or a preset (attn, attn-ff, all-linear, all)")
         if self.vram_budget:
-            parse_size(self.vram_budget)
+            check_budget(self.vram_budget)
+        blocks = parse_stream_blocks(self.stream_blocks)
+        if blocks and self.cuda_graphs == "on":
+            raise UserError(f"--stream-blocks {self.stream_blocks} runs eagerly (a CUDA graph would replay one "
+                            "residency): use --cuda-graphs auto or off")
+        if blocks and self.compile != "none":
+            raise UserError(f"--stream-blocks {self.stream_blocks} with --compile {self.compile}: compiled blocks "
+                            "cannot run the streaming hooks; use --compile none")
         parse_block_lr(self.block_lr)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UserError(f"--ema-decay {self.ema_decay}: must be between 0 and 1, e.g. 0.999")
@@ -382,6 +407,7 @@ class BenchConfig:
     alpha: float = same_as_train("alpha")
     target_modules: str = same_as_train("target_modules")
     compile: str = same_as_train("compile")
+    stream_blocks: str = same_as_train("stream_blocks")
     steps: int = opt(10, "Timed optimizer steps.", check="positive")
     warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
     baseline: bool = opt(False, "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio.")

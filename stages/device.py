@@ -85,16 +85,24 @@ def apply_compile(unet, mode: str, device: torch.device) -> None:
     unet.compile_repeated_blocks(**({"mode": "reduce-overhead"} if mode == "regional-graphs" else {}))
 
 
-def cap_gpu_memory(device: torch.device, budget: str, log) -> int:
-    """Cap this process's CUDA allocator at `budget` (e.g. "12GiB"); returns it in bytes."""
+def cap_gpu_memory(device: torch.device, budget: str, log) -> tuple[int, int]:
+    """Cap this process's CUDA allocator so that it and the memory outside it fit `budget` (e.g. "12GiB", or auto:
+    the card's free memory now plus what this process's allocator holds). Returns (budget, outside) in bytes:
+    outside = the card's memory in use that the allocator does not hold (this process's CUDA context, other
+    processes), counted against a size; 0 for auto (free memory excludes it already)."""
     if device.type != "cuda":
         raise UserError("--vram-budget needs a CUDA GPU")
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget_bytes = parse_size(budget)
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device)
+    budget_bytes, outside = (free + held, 0) if budget == "auto" else (parse_size(budget), total - free - held)
+    if budget_bytes <= outside:
+        raise UserError(f"--vram-budget {budget}: {outside / GIB:.2f} GiB of this GPU is in use outside PyTorch's "
+                        "allocator (CUDA context, other processes): nothing is left")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
-    log(f"GPU memory capped at {budget_bytes / GIB:.2f} GiB of {total / GIB:.1f} GiB")
-    return budget_bytes
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes - outside) / total), index)
+    log(f"GPU memory capped at {budget_bytes / GIB:.2f} GiB of {total / GIB:.1f} GiB"
+        + (" (auto: free memory)" if budget == "auto" else f", {outside / GIB:.2f} GiB of it outside PyTorch's allocator"))
+    return budget_bytes, outside
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,9 +110,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, log) -> bool:
-    """--cuda-graphs auto: on for a single CUDA process unless the blocks are graphs already (regional-graphs)."""
+def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, log, streamed: bool = False) -> bool:
+    """--cuda-graphs auto: on for a single CUDA process unless the blocks are graphs already (regional-graphs) or
+    the frozen UNet is streamed (its residency changes inside a step: eager, with a note)."""
     if mode == "off" or (mode == "auto" and (device.type != "cuda" or compile == "regional-graphs")):
+        return False
+    if streamed:
+        log("note: --stream-blocks trains eagerly (CUDA graphs would replay one residency of the streamed blocks)")
         return False
     if device.type != "cuda":
         raise UserError("--cuda-graphs on needs a CUDA GPU")

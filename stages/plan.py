@@ -53,6 +53,20 @@ COMPILE_GIB = 0.01  # regional compile, measured at b4 512² (12.73 vs 12.72 GiB
 RESERVED_PER_ALLOCATED = 1.08
 CONTEXT_GIB = 0.5
 
+# --stream-blocks N: what stays on the device (stages/streaming.py; counted on the meta device like the above):
+# Linear weights outside the 91 streamed blocks (embeddings, proj_in/out), everything else outside them is < 0.1 M;
+# the largest block, up_blocks.0.resnets.0 (1.64 M Linear weights + 47.5 M conv / norm), bounds each resident one;
+# bitsandbytes' quantization statistics (nf4 absmax) stay on the device too
+STREAM_REST_LINEAR_PARAMS = 31_047_680
+STREAM_BLOCK_MAX_PARAMS = (1_638_400, 47_526_400)  # (Linear weights, others) of the largest block
+STREAM_STATS_PER_LINEAR = {"nf4": 1 / 64 + 4 / (64 * 256)}
+STREAM_CHOICES = (2, 8)  # N that --vram-budget tries with --stream-blocks auto
+H2D_GBPS = 20.0  # assumed pinned host -> device rate (PCIe 4/5); not yet calibrated
+# --validate-every: the validation pass holds the weights and the LoRA's state, the FP32 VAE (83.7 M parameters,
+# moved in to decode) and the larger of CFG inference and a tiled decode (256 px tiles), at (512², 1024²); the
+# training activations are gone by then. Not yet calibrated under streaming; at 512² untiled it measured +1.22 GiB.
+VALIDATION_GIB = (0.65, 0.9)
+
 # ---- speed (s) ----
 # The eager step is host-bound (kernel launches): ≈ constant time per micro-batch whatever its size,
 # until the GPU's work takes longer. Checkpointing re-runs the forward: ≈ 2× the host time.
@@ -84,12 +98,20 @@ class Candidate:
     compile: str       # none or regional
     batch_size: int    # micro-batch
     grad_accum: int
+    stream_blocks: int = 0  # resident blocks of the streamed frozen UNet; 0: not streamed
 
     def describe(self) -> str:
         ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
         mode = "regional compile" if self.compile == "regional" else "eager"
-        return (f"{self.base_weights} weights, {ckpt}, {self.optimizer}, {mode}, "
+        stream = f", {self.stream_blocks} blocks streamed" if self.stream_blocks else ""
+        return (f"{self.base_weights} weights{stream}, {ckpt}, {self.optimizer}, {mode}, "
                 f"micro-batch {self.batch_size} × grad-accum {self.grad_accum}")
+
+    def flags(self) -> str:
+        """The train flags that select this configuration."""
+        return (f"--base-weights {self.base_weights} --stream-blocks {self.stream_blocks or 'off'} "
+                f"--{'' if self.gradient_checkpointing else 'no-'}gradient-checkpointing --optimizer {self.optimizer} "
+                f"--compile {self.compile} --batch-size {self.batch_size} --grad-accum {self.grad_accum}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +121,9 @@ class Choices:
     base_weights: tuple[str, ...] = ("bf16", "fp8", "int8", "nf4")
     optimizer: tuple[str, ...] = ("adamw", "adamw8bit")
     compile: tuple[str, ...] = ("none", "regional")
-    cuda_graphs: bool = False  # every candidate runs as CUDA graphs (train's default on CUDA)
+    cuda_graphs: bool = False  # every unstreamed candidate runs as CUDA graphs (train's default on CUDA)
+    stream_blocks: tuple[int, ...] = (0,)
+    validation: bool = False  # --validate-every: the validation pass must fit too
 
 
 def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
@@ -107,10 +131,16 @@ def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
     field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
     weights = ("fp8",) + (("int8", "nf4") if bitsandbytes else ()) if "base_weights" in fields else ()
+    stream = (0,)
+    if "stream_blocks" in fields:
+        from stages.config import parse_stream_blocks
+        blocks = parse_stream_blocks(cfg.stream_blocks)
+        stream = ((0,) if cfg.cuda_graphs == "on" else (0, *STREAM_CHOICES)) if blocks is None else (blocks,)
     return Choices(base_weights=(compute_dtype,) + weights,
                    optimizer=("adamw", "adamw8bit") if bitsandbytes else ("adamw",),
                    compile=("none", "regional") if "compile" in fields else ("none",),
-                   cuda_graphs="cuda_graphs" in fields and cfg.cuda_graphs != "off")
+                   cuda_graphs="cuda_graphs" in fields and cfg.cuda_graphs != "off", stream_blocks=stream,
+                   validation=bool(getattr(cfg, "validate_every", 0)))
 
 
 @dataclass(frozen=True)
@@ -146,18 +176,37 @@ def needed_gib(peak_gib: float) -> float:
     return peak_gib * RESERVED_PER_ALLOCATED + CONTEXT_GIB
 
 
-def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False) -> float:
-    weights = LINEAR_WEIGHT_PARAMS * BYTES_PER_LINEAR_WEIGHT[c.base_weights] + OTHER_PARAMS * 2
-    lora = LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer]
+def weights_gib(c: Candidate) -> float:
+    """The frozen base's bytes on the device: all of it, or (streamed) the rest and N of the largest block."""
+    per_linear = BYTES_PER_LINEAR_WEIGHT[c.base_weights]
+    if not c.stream_blocks:
+        return (LINEAR_WEIGHT_PARAMS * per_linear + OTHER_PARAMS * 2) / GIB
+    linear, other = STREAM_BLOCK_MAX_PARAMS
+    return (STREAM_REST_LINEAR_PARAMS * per_linear + c.stream_blocks * (linear * per_linear + other * 2)
+            + LINEAR_WEIGHT_PARAMS * STREAM_STATS_PER_LINEAR.get(c.base_weights, 0)) / GIB
+
+
+def streamed_gib(c: Candidate) -> float:
+    """Bytes copied host -> device per pass (forward, and again backward): about all the frozen weights."""
+    return weights_gib(dataclasses.replace(c, stream_blocks=0)) if c.stream_blocks else 0.0
+
+
+def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False, validation: bool = False) -> float:
+    graphs = graphs and not c.stream_blocks  # a streamed UNet runs eagerly
+    lora = LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer] / GIB
     activations = c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
-    return ((weights + lora) / GIB + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
-            + (GRAPH_GIB if graphs else 0))
+    train = (weights_gib(c) + lora + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
+             + (GRAPH_GIB if graphs else 0))
+    return max(train, weights_gib(c) + lora + _at_resolution(VALIDATION_GIB, resolution)) if validation else train
 
 
 def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
     """Seconds per micro-batch (forward + backward): eager, the host's launch time or the GPU's work, whichever is
     longer; as a CUDA graph, a replay overhead plus the GPU's work."""
     passes = 3 if c.gradient_checkpointing else 2
+    if c.stream_blocks:  # eager; the copies overlap the compute: the slower of the two
+        eager = micro_batch_s(dataclasses.replace(c, stream_blocks=0), resolution)
+        return max(eager, 2 * streamed_gib(c) * GIB / 1e9 / H2D_GBPS)
     if graphs:
         work = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GRAPH_TFLOPS
         seconds = (GRAPH_OVERHEAD_S + work) * GRAPH_WEIGHTS_SLOWDOWN[c.base_weights]
@@ -168,7 +217,7 @@ def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
 
 
 def optimizer_step_s(c: Candidate, graphs: bool = False) -> float:
-    return GRAPH_OPTIMIZER_STEP_S if graphs else OPTIMIZER_STEP_S[c.optimizer]
+    return GRAPH_OPTIMIZER_STEP_S if graphs and not c.stream_blocks else OPTIMIZER_STEP_S[c.optimizer]
 
 
 def images_per_s(c: Candidate, micro_s: float, graphs: bool = False) -> float:
@@ -183,19 +232,21 @@ def load_table(path: str | Path) -> list[dict]:
 
 def _matches(row: dict, c: Candidate, resolution: int, graphs: bool) -> bool:
     return (row.get("resolution"), row.get("micro_batch"), row.get("checkpointing"), row.get("base_weights"),
-            row.get("optimizer"), row.get("compile", "none"), bool(row.get("cuda_graphs"))) == (
-        resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile, graphs)
+            row.get("optimizer"), row.get("compile", "none"), bool(row.get("cuda_graphs")), row.get("stream_blocks", 0)) == (
+        resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile,
+        graphs and not c.stream_blocks, c.stream_blocks)
 
 
-def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, graphs: bool = False) -> Estimate:
+def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, graphs: bool = False,
+             validation: bool = False) -> Estimate:
     """Peak GiB and img/s of `c`; matching measured rows win over the model (the largest peak of repeats)."""
-    rows = [r for r in table or [] if _matches(r, c, resolution, graphs)]
+    rows = [r for r in table or [] if _matches(r, c, resolution, graphs) and not validation]
     peaks = [r["peak_allocated_gib"] for r in rows if r.get("peak_allocated_gib") is not None]
     # a row's img/s is for its own grad_accum: recover its time per micro-batch, then re-time for ours
     micro = [(r["micro_batch"] * r.get("grad_accum", c.grad_accum) / r["images_per_s"]
               - optimizer_step_s(c, graphs)) / r.get("grad_accum", c.grad_accum)
              for r in rows if r.get("images_per_s")]
-    return Estimate(peak_gib=max(peaks) if peaks else estimate_peak_gib(c, resolution, graphs),
+    return Estimate(peak_gib=max(peaks) if peaks else estimate_peak_gib(c, resolution, graphs, validation),
                     images_per_s=images_per_s(c, sum(micro) / len(micro) if micro else micro_batch_s(c, resolution, graphs),
                                               graphs),
                     peak_measured=bool(peaks), speed_measured=bool(micro))
@@ -204,9 +255,9 @@ def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, gra
 # -------------------------------------------------------------------------------------------- plan
 def candidates(effective_batch: int, allowed: Choices) -> list[Candidate]:
     sizes = [b for b in range(1, effective_batch + 1) if effective_batch % b == 0]
-    return [Candidate(ckpt, weights, opt, comp, b, effective_batch // b) for ckpt, weights, opt, comp, b in
+    return [Candidate(ckpt, weights, opt, comp, b, effective_batch // b, n) for ckpt, weights, opt, comp, b, n in
             itertools.product(allowed.gradient_checkpointing, allowed.base_weights, allowed.optimizer,
-                              allowed.compile, sizes)]
+                              allowed.compile, sizes, allowed.stream_blocks) if not (n and comp != "none")]
 
 
 def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[dict] | None = None,
@@ -218,7 +269,7 @@ def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[d
     budget = budget_bytes / GIB
     scored = []
     for c in candidates(effective_batch, allowed):
-        e = estimate(c, resolution, table, allowed.cuda_graphs)
+        e = estimate(c, resolution, table, allowed.cuda_graphs, allowed.validation)
         run_s = (max_steps or 1) * effective_batch / e.images_per_s
         if max_steps and c.compile == "regional":
             run_s += COMPILE_START_S
@@ -244,7 +295,7 @@ def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[d
     return Plan(choice, est, needed_gib(peak), reason)
 
 
-_PLAIN = {"base_weights": ("bf16", "fp16"), "compile": ("none",)}  # what a config without such a field runs
+_PLAIN = {"base_weights": ("bf16", "fp16"), "compile": ("none",), "stream_blocks": (0,)}  # what a config without such a field runs
 
 
 def apply_plan(cfg, plan: Plan):
@@ -254,6 +305,7 @@ def apply_plan(cfg, plan: Plan):
     for name, plain in _PLAIN.items():
         if name not in names and choice[name] not in plain:
             raise ValueError(f"the plan chose {name}={choice[name]} but {type(cfg).__name__} has no {name} field")
+    choice["stream_blocks"] = str(choice["stream_blocks"] or "off")  # the flag's text
     return dataclasses.replace(cfg, **{k: v for k, v in choice.items() if k in names})
 
 
@@ -274,16 +326,26 @@ def _allowed_here(cfg, device) -> Choices:
 
 
 def fit_vram_budget(cfg, device, resolution: int, log):
-    """--vram-budget: cap this process's GPU memory at cfg.vram_budget and return a copy of the TrainConfig
-    `cfg` with the fastest configuration that fits (the reason printed)."""
+    """--vram-budget: cap this process's GPU memory at cfg.vram_budget; returns (a copy of the TrainConfig `cfg` with
+    the fastest configuration that fits (the reason printed), the budget and the bytes outside the allocator counted
+    against it, the plan's need in bytes (its peak with the margin), and `refit(scale)`: the flags of the fastest configuration that fits if every estimate were `scale`
+    times larger, for the stop after a measured overrun)."""
     from stages.device import cap_gpu_memory
     if cfg.optimizer not in Choices.optimizer:
         raise UserError(f"--vram-budget plans with adamw or adamw8bit, not --optimizer {cfg.optimizer}: drop one of the two")
-    budget = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
+    budget, outside = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
     allowed = _allowed_here(cfg, device)
-    chosen = plan(budget, resolution, cfg.batch_size * cfg.grad_accum, allowed=allowed, max_steps=cfg.max_steps)
+    effective = cfg.batch_size * cfg.grad_accum
+    chosen = plan(budget, resolution, effective, allowed=allowed, max_steps=cfg.max_steps)
     log(chosen.reason)
-    return apply_plan(cfg, chosen)
+
+    def refit(scale: float) -> str:
+        try:
+            return plan(int(budget / scale), resolution, effective, allowed=allowed, max_steps=cfg.max_steps).choice.flags()
+        except UserError:
+            return "none is estimated to fit; the smallest is " + min(
+                candidates(effective, allowed), key=lambda c: estimate_peak_gib(c, resolution, False, allowed.validation)).flags()
+    return apply_plan(cfg, chosen), budget, outside, int(chosen.needed_gib * GIB), refit
 
 
 SUGGEST_SPEEDUP = 1.25  # say so when the card could train this much faster

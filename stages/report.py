@@ -27,7 +27,7 @@ EXAMPLE_PROMPTS = 3
 NOT_LEARNING = ("cache", "output", "model", "revision", "variant", "model_config", "allow_other_model", "device",
                 "num_workers", "overwrite", "resume", "verify_cache", "report_to", "checkpoint_every",
                 "checkpoints_total_limit", "validate_every", "validation_steps", "validation_guidance", "max_bad_steps",
-                "vram_budget", "cuda_graphs", "compile", "scale_lr", "output_name", "kohya_file", "save_dtype",
+                "vram_budget", "stream_blocks", "cuda_graphs", "compile", "scale_lr", "output_name", "kohya_file", "save_dtype",
                 "ema_device")
 
 

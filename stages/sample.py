@@ -295,13 +295,18 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]
 
 
 class Validator:
-    """Renders validation prompts' cached embeddings with the training UNet during training; the FP32 VAE
-    waits on the CPU and visits the GPU only to decode (tiled). `embeddings` is CacheReader.validation()."""
+    """Renders validation prompts' cached embeddings with the training UNet during training (a streamed UNet
+    streams here too); the FP32 VAE waits on the CPU and visits the GPU only to render, decoding sliced and in tiles
+    of TILE pixels so that its memory does not grow with the resolution. `embeddings` is CacheReader.validation()."""
+
+    TILE = 256  # pixels (32 latents): diffusers' tiled decode blends overlapping tiles (a quarter of a tile)
 
     def __init__(self, embeddings: dict, vae, steps: int, guidance: float, seed: int):
         self.embeddings, self.vae = embeddings, vae.to(torch.float32).eval()
         self.vae.requires_grad_(False)
         self.vae.enable_tiling()
+        self.vae.enable_slicing()
+        self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = self.TILE, self.TILE // 8
         self.steps, self.guidance, self.seed = steps, guidance, seed
 
     @classmethod
@@ -330,6 +335,7 @@ class Validator:
         row = {"validation_image": str(path.relative_to(out))}
         if device.type == "cuda":
             row["validation_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            row["validation_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)  # later rows' peak_gib: training steps only
         return row

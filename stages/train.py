@@ -26,6 +26,7 @@ from cache import CacheReader
 from cache.files import write_json_atomic
 from cache.sampler import micro_batches, note_small_buckets
 from stages import checkpoint, distributed
+from stages.budget import watch_memory
 from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, resolution_stages, stage_resolution
 from stages.device import (CudaGraphs, apply_compile, check_device_options, enable_attention, enable_checkpointing,
                            resolve_device, resolve_precision, use_cuda_graphs)
@@ -33,12 +34,12 @@ from stages.errors import UserError, kill_point
 from stages.lora import LORA_WEIGHTS_NAME, attach_lora
 from stages.optim import EMA, FlatGroups, load_training_states, setup_optimizer, training_states, weights_in_use
 from stages.outputs import save_final_lora, save_training_checkpoint
-from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
 from stages.report import MetricsLogger, check_report_to, plot_losses, plural, write_model_card
 from stages.sample import Validator
 from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
+from stages.streaming import attach_streaming, check_stream_blocks
 
 
 # ------------------------------------------------------------------------------- the training step
@@ -166,10 +167,10 @@ class Model:
         checkpoint.set_hyperparameters(self.optimizer, self.lr_scheduler, this_run, weight_decay)
 
 
-def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, device, autocast_dtype, log):
-    """The frozen UNet (as --base-weights) with the adapter attached; returns (unet, [(name, LoRA param)], base info)."""
+def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, device, autocast_dtype, log, blocks: int):
+    """The frozen UNet (as --base-weights, streamed if blocks) with the adapter; returns (unet, [(name, LoRA param)], base info)."""
     log(f"loading the UNet from {source.model}")
-    on_cpu = cfg.base_weights in QUANTIZED  # a quantized base reaches the GPU one quantized layer at a time
+    on_cpu = cfg.base_weights in QUANTIZED or blocks  # a quantized / streamed base reaches the GPU a layer / block at a time
     unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=torch.device("cpu") if on_cpu else device)
     base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
     check_cache_fits(unet.config, reader[0], reader.path)
@@ -179,6 +180,7 @@ def _setup_unet(cfg: TrainConfig, source: ModelSource, reader: CacheReader, devi
         raise UserError(str(e)) from e
     if cfg.gradient_checkpointing:
         enable_checkpointing(unet)
+    attach_streaming(unet, blocks, device, log)  # --stream-blocks: before .to(device), the blocks stay in host memory
     unet.to(device).train()
     return unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad], base
 
@@ -194,8 +196,9 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
     check_device_options(cfg.attention, cfg.compile, device)
     check_target_modules(source, cfg.target_module_list, cfg.rank_pattern_dict)
-    graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log)
-    unet, named, base = _setup_unet(cfg, source, reader, device, autocast_dtype, log)
+    blocks = check_stream_blocks(cfg.stream_blocks, world)
+    graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log, streamed=bool(blocks))
+    unet, named, base = _setup_unet(cfg, source, reader, device, autocast_dtype, log, blocks)
     noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), cfg.prediction_type,
                                                 cfg.rescale_betas_zero_snr)
     if cfg.rescale_betas_zero_snr and noise_scheduler.config.prediction_type == "epsilon":
@@ -210,7 +213,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     trainable = sum(p.numel() for _, p in named)
     resolved = {"model": source.resolved().describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."), **base,
-                "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs,
+                "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs, "stream_blocks": blocks,
                 "trainable_parameters": trainable, "effective_batch": cfg.batch_size * cfg.grad_accum * world,
                 "device": str(device), "world_size": world, "global_batch_size": cfg.batch_size * world,
                 "learning_rate": lr, "prediction_type": noise_scheduler.config.prediction_type,
@@ -260,10 +263,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
     main, world = distributed.is_main(), distributed.world_size()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
-    if cfg.vram_budget:
-        cfg = fit_vram_budget(cfg, device, max(res for res, _, _ in schedule), log)  # a copy with the plan's choice
-    elif device.type == "cuda" and (note := suggest_budget(cfg, device, max(res for res, _, _ in schedule))):
-        log(note)
+    cfg, watch = watch_memory(cfg, device, max(res for res, _, _ in schedule), log)  # --vram-budget: the plan's copy
     resume = checkpoint.claim_output(out, cfg, reader.manifest, world, held, log)  # lock, resume plan, old outputs
     if reader.manifest.bucketed:
         note_small_buckets(reader.manifest, cfg.batch_size * world, log)
@@ -285,16 +285,16 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     layout = {"world_size": world, "global_batch_size": cfg.batch_size * world, "run": run}
     kohya_name = cfg.kohya_name if cfg.kohya_file else None
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    watch.start()  # peaks from the first step
     started = last = time.time()
-    per_step, losses, peak_gib = cfg.batch_size * cfg.grad_accum * world, [], None
+    per_step, losses = cfg.batch_size * cfg.grad_accum * world, []
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
     batches = train_batches(reader, cfg, start_step, device, distributed.rank(), world)
     with open(metrics_path if main else os.devnull, "a") as metrics, \
             MetricsLogger(cfg.report_to if main else "none", out, start_step) as tracker:
         for step, micro in batches:
-            result = training_step(model, micro, step, cfg)
+            with watch.guard(step + 1 - start_step):  # --vram-budget: out of memory in the first steps -> what fits
+                result = training_step(model, micro, step, cfg)
             now = time.time()
             counters["skipped_steps"] += result["skipped"]
             counters["bad_in_a_row"] = counters["bad_in_a_row"] + 1 if result["bad"] else 0
@@ -304,12 +304,11 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                 row["resolution"] = stage_resolution(schedule, step)
             if resume and resume.changes and step == start_step:  # the first step with the changed settings
                 row["resume_changes"] = resume.changes
-            if device.type == "cuda":
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-                peak_gib = max(peak_gib or 0.0, row["peak_gib"])
+            row.update(watch.peaks())  # on CUDA: peak_gib (allocated), peak_reserved_gib
             if validator and (step + 1) % cfg.validate_every == 0:
                 with model.final_weights():
                     row.update(validator(model.unet, model.noise_scheduler, step + 1, out, stage_resolution(schedule, step)))
+            watch.check(row, step + 1 - start_step)  # --vram-budget: the first steps' and validations' measured peaks
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tracker.log(step + 1, row)
@@ -333,7 +332,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - start_step,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else float("nan"),
         "seconds": round(time.time() - started, 2), "skipped_steps": counters["skipped_steps"],
-        "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
+        "peak_gib": watch.peak_gib,  # of the training steps (validation is logged separately)
         "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
     }
     log(f"trained {plural(summary['trained_steps'], 'step')} in {summary['seconds']:.1f} s; final loss "
