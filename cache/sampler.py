@@ -73,10 +73,11 @@ class CacheStream(Dataset):
         self.reader, self.seed, self.batch = reader, seed, batch
         self.keys = self.KEYS + (("mask",) if masks else ())
         self._orders: dict[int, object] = {}
-        repeats = [reader.manifest.repeats(s.key) for s in reader.samples]
-        self._visits = [i for i, r in enumerate(repeats) for _ in range(r)]  # kohya repeats; else range(N)
-        self._buckets = [[i for i in members for _ in range(repeats[i])] for members in reader.buckets().values()] \
-            if reader.manifest.bucketed else None
+        m = reader.manifest  # kohya repeats: an epoch holds sample i repeats[i] times
+        repeats = [m.repeats(s.key) for s in reader.samples] if m.dataset.get("repeats") else None
+        self._visits = range(len(reader)) if repeats is None else [i for i, r in enumerate(repeats) for _ in range(r)]
+        self._buckets = [[i for i in members for _ in range(repeats[i] if repeats else 1)]
+                         for members in reader.buckets().values()] if m.bucketed else None
         if self._buckets:
             self._batches_per_epoch = sum(-(-len(members) // batch) for members in self._buckets)
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
+from cache.format import EMPTY_PROMPT_NAME, FORMAT_VERSION, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
 from cache.lock import lock_folder
 from cache.writer import (CacheWriter, corrupt_shards, drop_shards, foreign_entries, merge_parts, remove_cache_files,
                           set_variants, unfinished_encode, write_empty_prompt, write_validation)
@@ -312,6 +312,10 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
             if not old.samples:
                 raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
                                 f"(see {cache / MANIFEST_NAME})")
+            if old.dataset.get("repeats") != manifest.dataset.get("repeats") and not cfg.dry_run and rank == 0:
+                old.dataset["repeats"], old.format_version = manifest.dataset.get("repeats"), FORMAT_VERSION
+                old.save(cache)  # kohya folders of a cache encoded before repeats were recorded
+                log(f"recorded the kohya folders' repeats: {old.dataset['repeats']}")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
             return old, parts, source
         log(f"cache {cache}: {len({s.key for s in stale.kept})} samples unchanged; stale: {len(stale.added)} added"

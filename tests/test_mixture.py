@@ -39,9 +39,13 @@ def kohya_cache(tmp_path_factory, tiny_model):
     (masks / "10_a").mkdir(parents=True)
     Image.open(dataset / "10_a" / "img_000.png").getchannel("R").save(masks / "10_a" / "img_000.png")
     cache = root / "cache"
-    encode(encode_config(tiny_model, dataset, cache, masks=str(masks), center_crop=False, caption_variants=2,
-                         shuffle_tags=True), **QUIET)
+    encode(kohya_config(tiny_model, dataset, cache), **QUIET)
     return dataset, cache
+
+
+def kohya_config(model, dataset, cache):
+    return encode_config(model, dataset, cache, masks=str(dataset.parent / "masks"), center_crop=False,
+                         caption_variants=2, shuffle_tags=True)
 
 
 def test_cache_specs_take_only_trailing_numbers_as_weights():
@@ -75,6 +79,19 @@ def test_a_kohya_folder_with_10_a_and_2_b_is_sampled_5_to_1(kohya_cache):
     assert (keys.count("10_a"), keys.count("2_b")) == (100, 20)
     assert "kohya repeats    10_a: 10, 2_b: 2" in describe(reader.manifest)
     assert "masks            1 mask file(s)" in describe(reader.manifest)
+
+
+def test_a_rerun_records_the_repeats_of_a_kohya_cache_made_before_them(kohya_cache, tiny_model, tmp_path):
+    dataset, cache = kohya_cache
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["dataset"]["repeats"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert CacheReader(old).manifest.repeats("10_a/img_000.png") == 1
+    logs = []
+    encode(kohya_config(tiny_model, dataset, old), log=logs.append)
+    assert CacheReader(old).manifest.repeats("10_a/img_000.png") == 10 and any("up to date" in line for line in logs)
 
 
 def test_masks_are_stored_cropped_and_resized_exactly_like_their_images(kohya_cache):
