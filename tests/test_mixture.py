@@ -191,3 +191,17 @@ def test_a_cache_from_another_model_is_refused_in_a_mixture(fp32_cache, tmp_path
 def test_masked_loss_without_masks_is_refused_before_anything_loads(fp32_cache, tmp_path, cli):
     result = cli("train", "--cache", fp32_cache, "--output", tmp_path / "out", "--masked-loss", check=False)
     assert result.returncode != 0 and "--masked-loss needs masks in the cache" in result.stderr
+
+
+def test_alpha_masks_come_from_the_images_own_alpha_channel():
+    import io
+    from stages.data import decode_mask
+    rgba = Image.new("RGBA", (16, 8), (10, 20, 30, 255))
+    rgba.putpixel((3, 2), (10, 20, 30, 0))
+    data = io.BytesIO()
+    rgba.save(data, format="PNG")
+    alpha = np.asarray(decode_mask(data.getvalue(), alpha=True))
+    assert alpha.shape == (8, 16) and alpha[2, 3] == 0 and alpha.sum() == 255 * (16 * 8 - 1)
+    data = io.BytesIO()
+    rgba.convert("RGB").save(data, format="PNG")
+    assert decode_mask(data.getvalue(), alpha=True) is None  # no alpha: the sample counts fully
