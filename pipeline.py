@@ -35,6 +35,8 @@ def from_config(cls, name: str, *flags: str, **kw):
     (stages/config.py), so an option is described and validated in one place."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if kw.get("multiple") and isinstance(default, str):  # a repeatable option whose field holds one value by default
+        default = (default,)
     if not flags:
         flags = (flag_name(name),)
     if isinstance(default, bool) and "/" not in flags[0] and "is_flag" not in kw:
@@ -223,6 +225,13 @@ def cli(debug):
 @from_config(EncodeConfig, "num_workers")
 @from_config(EncodeConfig, "seed")
 @from_config(EncodeConfig, "overwrite")
+@from_config(EncodeConfig, "caption_variants")
+@from_config(EncodeConfig, "shuffle_tags")
+@from_config(EncodeConfig, "keep_tokens")
+@from_config(EncodeConfig, "tag_separator")
+@from_config(EncodeConfig, "tag_dropout")
+@from_config(EncodeConfig, "masks")
+@from_config(EncodeConfig, "alpha_mask")
 @from_config(EncodeConfig, "validation_prompt", multiple=True)
 @from_config(EncodeConfig, "dry_run")
 @run_stage
@@ -257,7 +266,7 @@ def info(cache, verify):
 
 @cli.command()
 @config_file
-@from_config(TrainConfig, "cache")
+@from_config(TrainConfig, "cache", multiple=True)
 @from_config(TrainConfig, "output")
 @from_config(TrainConfig, "output_name")
 @from_config(TrainConfig, "kohya_file", "--kohya-file/--no-kohya-file")
@@ -293,6 +302,7 @@ def info(cache, verify):
 @from_config(TrainConfig, "timestep_sampling")
 @from_config(TrainConfig, "prediction_type")
 @from_config(TrainConfig, "rescale_betas_zero_snr")
+@from_config(TrainConfig, "masked_loss")
 @from_config(TrainConfig, "caption_dropout")
 @from_config(TrainConfig, "loss")
 @from_config(TrainConfig, "huber_c")

@@ -9,8 +9,15 @@
                                   prompt_embeds                        (N, 77, 2048)
                                   pooled_prompt_embeds                 (N, 1280)
                                   time_ids, time_ids_flipped           (N, 6) float32 always
+                                  mask, mask_flipped                   (N, 1, H/8, W/8) in [0, 1] (format 2, with
+                                                                       `encode --masks` / `--alpha-mask`; ones where
+                                                                       an image has no mask)
       validation.safetensors    optional: prompt_embeds (N, 77, 2048) and pooled_prompt_embeds (N, 1280) of the
                                 manifest's validation_prompts, for rendering samples during training
+      captions-00000.safetensors  optional (format 2): prompt_embeds (M, 77, 2048) and pooled_prompt_embeds (M, 1280)
+                                of caption variants (a list caption, a .txt of several lines, `encode --caption-variants`),
+                                each distinct text once; SampleInfo.variants points at their rows. A sample's first
+                                caption stays in its image shard, so its latents are never duplicated
       empty_prompt.safetensors  prompt_embeds (77, 2048) and pooled_prompt_embeds (1280,) of the empty caption "",
                                 for `train --caption-dropout`; written by every encode (added by a rerun to
                                 caches made before it existed, without re-encoding the samples)
@@ -37,12 +44,15 @@ from pathlib import Path
 
 from cache.files import write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: caption variants (captions-*.safetensors), masks, kohya repeats
+READABLE_VERSIONS = (1, 2)  # a version-1 cache is a version-2 cache without any of them
+VALUES_VERSION = 1  # the version of the encoded values, part of the fingerprint: format 2 changed none of them
 MANIFEST_NAME = "manifest.json"
 VALIDATION_NAME = "validation.safetensors"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 PROGRESS_NAME = "encode-progress.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+CAPTIONS_PATTERN = "captions-{:05d}.safetensors"  # caption-variant embeddings (format 2)
 RANK_SHARD_PATTERN = "shard-r{rank}-{index:05d}.safetensors"  # one rank's shards under torchrun
 RANK_PROGRESS_PATTERN = "encode-progress-r{}.json"  # one rank's journal under torchrun
 DTYPES = ("fp16", "bf16", "fp32")
@@ -69,6 +79,8 @@ class SampleInfo:
     source: dict       # {"path": ...} or {"dataset": ..., "index": ...}, plus "sha256" of the image bytes
     shard: int         # index into Manifest.shards
     row: int           # row inside that shard
+    variants: list[dict] | None = None  # format 2: the other captions' {"caption", "shard", "row"} (into
+                                        # Manifest.caption_shards); None: the caption above is the only one
 
 
 @dataclass
@@ -84,6 +96,7 @@ class Manifest:
     config: dict = field(default_factory=dict)   # the resolved encode settings (not fingerprinted)
     validation_prompts: list[str] = field(default_factory=list)  # rows of validation.safetensors
     shards: list[ShardInfo] = field(default_factory=list)
+    caption_shards: list[ShardInfo] = field(default_factory=list)  # format 2: captions-*.safetensors
     samples: list[SampleInfo] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"key", "reason"} of inputs not encoded
     format_version: int = FORMAT_VERSION
@@ -99,6 +112,16 @@ class Manifest:
         """The resolutions stored: one, or several for `encode --resolution 512,768,1024`."""
         r = self.preprocessing.get("resolution")
         return sorted(r) if isinstance(r, list) else [r]
+
+    @property
+    def masked(self) -> bool:
+        """Whether the shards hold masks (`encode --masks` / `--alpha-mask`)."""
+        return bool(self.preprocessing.get("masks"))
+
+    def repeats(self, key: str) -> int:
+        """How often an epoch visits a sample: the N of its kohya folder `N_name/` (recorded by encode), else 1."""
+        folders, parts = self.dataset.get("repeats") or {}, Path(key).parts
+        return folders.get(parts[0], 1) if len(parts) > 1 else 1
 
     @property
     def bucketed(self) -> bool:
@@ -124,7 +147,8 @@ class Manifest:
         """sha256 of the samples in their order (key, caption, image hash, shape): what the training order is made
         from, so a resumed run can tell that the cache still holds the data it was trained on."""
         rows = [(s.key, s.caption, s.source.get("sha256"), self.shard_resolution(s.shard), self.shard_size(s.shard))
-                for s in self.samples]
+                + ((self.repeats(s.key),) if self.repeats(s.key) != 1 else ())
+                + (([v["caption"] for v in s.variants],) if s.variants else ()) for s in self.samples]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def to_json(self) -> dict:
@@ -134,11 +158,12 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise CacheError(f"cache format version {d.get('format_version')} is not supported "
-                             f"(this version reads {FORMAT_VERSION}); re-encode with --overwrite")
+                             f"(this version reads {', '.join(map(str, READABLE_VERSIONS))}); re-encode with --overwrite")
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        d["caption_shards"] = [ShardInfo(**s) for s in d.get("caption_shards", [])]
         d["samples"] = [SampleInfo(**s) for s in d["samples"]]
         return cls(**d)
 
@@ -168,6 +193,6 @@ def fingerprint(encoder_weights: dict, preprocessing: dict, dtype: str) -> str:
 
     Training hyperparameters never enter, so no training setting can invalidate a cache.
     """
-    payload = json.dumps({"format_version": FORMAT_VERSION, "encoder_weights": encoder_weights,
+    payload = json.dumps({"format_version": VALUES_VERSION, "encoder_weights": encoder_weights,
                           "preprocessing": preprocessing, "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -29,7 +29,7 @@ class CacheReader:
                              f"not {resolution}")
         self.resolution = resolution
         self.samples = [s for s in m.samples if resolution is None or m.shard_resolution(s.shard) == resolution]
-        for shard in self.manifest.shards:
+        for shard in self.manifest.shards + self.manifest.caption_shards:
             p = self.path / shard.file
             if not p.exists():
                 raise CacheError(f"cache {self.path} is missing shard {shard.file}; rerun the encode command that made "
@@ -37,13 +37,17 @@ class CacheReader:
             if p.stat().st_size != shard.bytes:
                 raise CacheError(f"cache shard {p} has {p.stat().st_size} bytes, the manifest says {shard.bytes}: it is "
                                  "truncated or corrupt; rerun the encode command that made the cache to repair it")
-        self._handles: dict[int, object] = {}
+        self._handles: dict[str, object] = {}  # shard file -> its open handle
         self.flipped = bool(m.preprocessing.get("flip"))
         self._shift = m.shift_factor or 0.0
         self._scale = m.scaling_factor
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def at(self, resolution: int) -> "CacheReader":
+        """This cache's samples of one resolution (itself where that is the only one)."""
+        return self if self.manifest.resolutions == [resolution] else CacheReader(self.path, resolution)
 
     def size(self, i: int) -> tuple[int, int]:
         """(height, width) in pixels of sample i: its aspect-ratio bucket, or resolution²."""
@@ -59,10 +63,11 @@ class CacheReader:
     def __getstate__(self):  # picklable for DataLoader workers: handles are reopened lazily
         return {**self.__dict__, "_handles": {}}
 
-    def _open(self, shard: int):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.path / self.manifest.shards[shard].file), framework="pt")
-        return self._handles[shard]
+    def _open(self, shard: int, shards: list | None = None):
+        name = (self.manifest.shards if shards is None else shards)[shard].file
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.path / name), framework="pt")
+        return self._handles[name]
 
     def tensor_names(self) -> list[str]:
         return list(self._open(0).keys()) if self.manifest.shards else []
@@ -81,6 +86,20 @@ class CacheReader:
                 value = (value.float() * self._scale).to(value.dtype)
             sample[name] = value
         return sample
+
+    def captions(self, i: int) -> int:
+        """How many captions sample i has: 1, or 1 + its variants (format 2)."""
+        return 1 + len(self.samples[i].variants or ())
+
+    def caption_embeds(self, i: int, j: int) -> dict:
+        """prompt_embeds (77, D) and pooled_prompt_embeds (P,) of caption j of sample i (0: the one in its shard)."""
+        if j == 0:
+            sample = self[i]
+            return {k: sample[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+        variant = self.samples[i].variants[j - 1]
+        f = self._open(variant["shard"], self.manifest.caption_shards)
+        row = variant["row"]
+        return {k: f.get_slice(k)[row:row + 1][0] for k in ("prompt_embeds", "pooled_prompt_embeds")}
 
     def validation(self) -> dict | None:
         """The validation prompts and their embeddings (stored dtype), or None if none were encoded."""
@@ -106,7 +125,7 @@ class CacheReader:
     def verify(self) -> list[str]:
         """Check every shard's size and sha256; returns the problems found (empty: intact)."""
         problems = []
-        for shard in self.manifest.shards:
+        for shard in self.manifest.shards + self.manifest.caption_shards:
             p = self.path / shard.file
             if not p.exists():
                 problems.append(f"{shard.file}: missing")

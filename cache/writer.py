@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from cache.files import TMP_SUFFIX, atomic_path, sha256_file, write_json_atomic
-from cache.format import (MANIFEST_NAME, PROGRESS_NAME, RANK_PROGRESS_PATTERN, RANK_SHARD_PATTERN, SHARD_PATTERN,
+from cache.format import (CAPTIONS_PATTERN, FORMAT_VERSION, MANIFEST_NAME, PROGRESS_NAME, RANK_PROGRESS_PATTERN, RANK_SHARD_PATTERN, SHARD_PATTERN,
                           CacheError, Manifest, SampleInfo, ShardInfo)
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -150,7 +150,8 @@ def foreign_entries(folder: Path) -> list[str]:
     own = {MANIFEST_NAME, PROGRESS_NAME, VALIDATION_NAME, EMPTY_PROMPT_NAME, LOCK_NAME}
     return sorted(p.name for p in Path(folder).iterdir()
                   if p.name not in own and not p.match(RANK_PROGRESS_PATTERN.format("*"))
-                  and not p.match("shard-*.safetensors") and not p.match(f".*{TMP_SUFFIX}"))
+                  and not p.match("shard-*.safetensors") and not p.match("captions-*.safetensors")
+                  and not p.match(f".*{TMP_SUFFIX}"))
 
 
 def corrupt_shards(folder: Path, manifest: Manifest) -> list[int]:
@@ -179,10 +180,9 @@ def remove_cache_files(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     for p in folder.glob(RANK_PROGRESS_PATTERN.format("*")):
         p.unlink()
-    for p in folder.glob("shard-*.safetensors"):
-        p.unlink()
-    for p in folder.glob(f".shard-*{TMP_SUFFIX}"):
-        p.unlink()
+    for pattern in ("shard-*.safetensors", "captions-*.safetensors", f".shard-*{TMP_SUFFIX}", f".captions-*{TMP_SUFFIX}"):
+        for p in folder.glob(pattern):
+            p.unlink()
 
 
 def _write_embeddings(folder: Path, name: str, manifest: Manifest, prompt_embeds: torch.Tensor,
@@ -192,6 +192,52 @@ def _write_embeddings(folder: Path, name: str, manifest: Manifest, prompt_embeds
     with atomic_path(folder / name) as tmp:
         save_file({"prompt_embeds": prompt_embeds.to(dtype).contiguous(),
                    "pooled_prompt_embeds": pooled_prompt_embeds.to(dtype).contiguous()}, str(tmp))
+
+
+def write_caption_shard(folder: Path, manifest: Manifest, prompt_embeds: torch.Tensor,
+                        pooled_prompt_embeds: torch.Tensor) -> ShardInfo:
+    """Write caption-variant embeddings, (M, 77, D) and (M, P), as a new captions-*.safetensors (atomically, under
+    the first free name) and return its ShardInfo; the caller records it in manifest.caption_shards."""
+    folder = Path(folder)
+    number = 0
+    while (folder / CAPTIONS_PATTERN.format(number)).exists():
+        number += 1
+    path = folder / CAPTIONS_PATTERN.format(number)
+    _write_embeddings(folder, path.name, manifest, prompt_embeds, pooled_prompt_embeds)
+    return ShardInfo(path.name, len(prompt_embeds), path.stat().st_size, sha256_file(path))
+
+
+def set_variants(folder: Path, manifest: Manifest, wanted: dict[str, list[str]], embed, shard_size: int) -> int:
+    """Make every sample's caption variants `wanted[key]` (texts beside its first caption), then save the manifest.
+
+    Texts already stored (by any sample) keep their rows; the others are embedded by `embed(texts) -> (prompt_embeds,
+    pooled_prompt_embeds)` into new captions-*.safetensors of at most `shard_size` rows; caption shards no sample
+    points at any more are left out of the manifest, then deleted. The image shards are not touched. Returns the
+    number of texts embedded."""
+    folder = Path(folder)
+    if all([v["caption"] for v in s.variants or ()] == wanted.get(s.key, []) for s in manifest.samples):
+        return 0
+    stored = {v["caption"]: (v["shard"], v["row"]) for s in manifest.samples for v in s.variants or ()}
+    missing = list(dict.fromkeys(t for s in manifest.samples for t in wanted.get(s.key, []) if t not in stored))
+    shards = list(manifest.caption_shards)
+    for start in range(0, len(missing), shard_size):
+        texts = missing[start:start + shard_size]
+        prompt_embeds, pooled_prompt_embeds = embed(texts)
+        shards.append(write_caption_shard(folder, manifest, prompt_embeds, pooled_prompt_embeds))
+        stored.update({text: (len(shards) - 1, row) for row, text in enumerate(texts)})
+    used = sorted({stored[t][0] for s in manifest.samples for t in wanted.get(s.key, [])})
+    position = {old: new for new, old in enumerate(used)}
+    manifest.caption_shards = [shards[i] for i in used]
+    for s in manifest.samples:
+        s.variants = [{"caption": t, "shard": position[stored[t][0]], "row": stored[t][1]}
+                      for t in wanted.get(s.key, [])] or None
+    manifest.format_version = FORMAT_VERSION  # a version-1 cache given variants is a version-2 cache
+    manifest.save(folder)
+    kept = {c.file for c in manifest.caption_shards}
+    for p in folder.glob("captions-*.safetensors"):
+        if p.name not in kept:
+            p.unlink()
+    return len(missing)
 
 
 def write_validation(folder: Path, manifest: Manifest, prompts: list[str], prompt_embeds: torch.Tensor,

@@ -177,6 +177,36 @@ def parse_block_lr(spec: str | None) -> dict[str, float]:
                                                      "multiplier > 0, e.g. down_blocks.0=0.5"))
 
 
+def _number(text: str) -> float | None:
+    """A plain decimal number ("3", "0.25", "1e-2"), else None (inf, nan and words are names, not weights)."""
+    import re
+    return float(text) if re.fullmatch(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text) else None
+
+
+def parse_cache_specs(specs) -> list[tuple[str, float, float]]:
+    """`train --cache` given several times -> (path, weight, loss weight) per cache.
+
+    A spec is PATH[:WEIGHT[:LOSS_WEIGHT]]: at most two trailing `:number` fields are weights (default 1 and 1); the
+    rest, colons included, is the path. A folder whose own name ends in :number is given with both weights, e.g.
+    `run:2:1:1`. One --cache is always just a path."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if len(specs) == 1:
+        return [(specs[0], 1.0, 1.0)]
+    parsed = []
+    for spec in specs:
+        fields, numbers = spec.split(":"), []
+        while len(fields) > 1 and len(numbers) < 2 and _number(fields[-1]) is not None:
+            numbers.insert(0, _number(fields.pop()))
+        weight, loss_weight = (numbers + [1.0, 1.0])[:2]
+        if weight <= 0 or loss_weight <= 0:
+            raise UserError(f"--cache {spec}: WEIGHT and LOSS_WEIGHT must be > 0 (PATH[:WEIGHT[:LOSS_WEIGHT]], "
+                            "e.g. reg_cache:0.25:1)")
+        if not ":".join(fields) or spec.endswith(":"):
+            raise UserError(f"--cache {spec}: expected PATH[:WEIGHT[:LOSS_WEIGHT]] with numbers, e.g. reg_cache:0.25:1")
+        parsed.append((":".join(fields), weight, loss_weight))
+    return parsed
+
+
 def resolution_stages(schedule: str | None, available: list[int], max_steps: int,
                       cache: str = "the cache") -> list[tuple[int, int, int]]:
     """(resolution, first step, end step) per stage of --resolution-schedule, in optimizer steps; `available`
@@ -240,6 +270,13 @@ class EncodeConfig:
     num_workers: int = opt(2, "Processes decoding and preprocessing images.", check="non_negative")
     seed: int = opt(42, "Seed of --random-crop (crops are a function of seed and key).")
     overwrite: bool = opt(False, "Replace an existing cache made with other settings (never a folder that is not a cache).")
+    caption_variants: int = opt(0, "Also encode N augmented copies of every caption (with --shuffle-tags and/or --tag-dropout); `train` picks one of a sample's captions per visit. A rerun with another N adds or removes variants without encoding the images again.", check="non_negative")
+    shuffle_tags: bool = opt(False, "With --caption-variants: each copy shuffles the caption's tags (split at --tag-separator), the first --keep-tokens staying in place.")
+    keep_tokens: int = opt(0, "With --caption-variants: the first K tags stay in place and are never dropped (kohya's keep_tokens).", check="non_negative")
+    tag_separator: str = opt(",", "With --caption-variants: what separates the tags of a caption.")
+    tag_dropout: float = opt(0.0, "With --caption-variants: each copy drops every tag after --keep-tokens with this probability (kohya's caption_tag_dropout_rate).", check="probability")
+    masks: str | None = opt(None, "Folder of grayscale masks named like the images (same relative folder and stem, any image extension; white = learn, black = ignore), stored at latent resolution for `train --masked-loss`; images without one count fully.")
+    alpha_mask: bool = opt(False, "Use each image's own alpha channel as its mask (opaque = learn), for `train --masked-loss`.")
     validation_prompt: tuple[str, ...] = opt((), "A prompt (repeatable) whose embeddings are stored so that `train --validate-every` can render it without text encoders.")
     dry_run: bool = opt(False, "Only report what is stale in an existing cache and why; write nothing.")
 
@@ -250,6 +287,14 @@ class EncodeConfig:
             raise UserError(f"--bucket-step {self.bucket_step}: must be a multiple of 8 that divides every --resolution")
         if self.buckets and self.bucket_max_aspect < 1:
             raise UserError(f"--bucket-max-aspect {self.bucket_max_aspect}: must be at least 1")
+        if self.caption_variants and not (self.shuffle_tags or self.tag_dropout):
+            raise UserError(f"--caption-variants {self.caption_variants}: say how the copies differ: --shuffle-tags "
+                            "and/or --tag-dropout P")
+        if (self.shuffle_tags or self.tag_dropout) and not self.caption_variants:
+            raise UserError("--shuffle-tags / --tag-dropout make caption variants: give their number with "
+                            "--caption-variants N")
+        if self.masks and self.alpha_mask:
+            raise UserError("--masks and --alpha-mask: choose one source of masks")
 
     @property
     def resolutions(self) -> list[int]:
@@ -259,7 +304,7 @@ class EncodeConfig:
 # ------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    cache: str = opt(DEFAULT_CACHE, "Cache folder written by `encode`.")
+    cache: str | tuple[str, ...] = opt(DEFAULT_CACHE, "Cache folder written by `encode`. Repeat it to mix several caches: PATH[:WEIGHT[:LOSS_WEIGHT]], e.g. --cache style --cache reg:0.25 (global micro-batches drawn per cache in proportion to WEIGHT, loss scaled by LOSS_WEIGHT; only trailing :numbers are weights).")
     output: str = opt("./sdxl-naruto-lora", "Output folder for the LoRA, checkpoints and logs (locked while train writes it).")
     output_name: str | None = opt(None, "Name of the kohya / A1111 / ComfyUI file OUTPUT/<name>.safetensors (default: the output folder's name).")
     kohya_file: bool = opt(True, "Also write OUTPUT/<name>.safetensors (and one per checkpoint) in the kohya / LyCORIS format that ComfyUI, A1111 and Forge load, the bytes `export --format kohya` writes.")
@@ -295,6 +340,7 @@ class TrainConfig:
     timestep_sampling: str = opt("uniform", "Timesteps: uniform; stratified = one per equal stratum of [0, T) among each optimizer step's samples; logit-normal = sigmoid(N(0,1)) × T (favours middle timesteps).", choices=TIMESTEP_SAMPLINGS)
     prediction_type: str | None = opt(None, "Train the UNet to predict epsilon (the noise) or v_prediction (the velocity) (default: the model's scheduler's, epsilon for SDXL base).", choices=PREDICTION_TYPES)
     rescale_betas_zero_snr: bool = opt(False, "Rescale the noise schedule to zero terminal SNR (diffusers' rescale_betas_zero_snr; pair with --prediction-type v_prediction).")
+    masked_loss: bool = opt(False, "Weight each sample's per-pixel loss by its cached mask (encode --masks / --alpha-mask), normalised per sample; samples without a mask count fully.")
     caption_dropout: float = opt(0.0, "Probability of training a sample with the empty caption's embedding instead of its own (0: off).", check="probability")
     loss: str = opt("mse", "Loss between prediction and target: mse; huber = 2c(sqrt(d²+c²)-c); smooth_l1 = 2(sqrt(d²+c²)-c) (kohya sd-scripts' pseudo-Huber, with c per sample from --huber-schedule).", choices=LOSSES)
     huber_c: float = opt(0.1, "The Huber / smooth-L1 threshold c (its value at t = 0 for --huber-schedule exponential, at high SNR for snr).", check="positive")
@@ -322,7 +368,10 @@ class TrainConfig:
     overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output: its outputs are removed first.")
 
     def __post_init__(self):
+        if not isinstance(self.cache, str):  # repeated --cache: one stays a plain path, as before
+            self.cache = tuple(self.cache) if len(self.cache) != 1 else self.cache[0]
         check_fields(self)
+        parse_cache_specs(self.cache)
         try:
             parse_rank_pattern(self.rank_pattern)
         except ValueError as e:

@@ -1,17 +1,21 @@
 """Dataset sources -> records (key, caption, image bytes), and the SDXL preprocessing.
 
 Sources: a hub dataset id, a local imagefolder (metadata.jsonl / metadata.csv), a folder written by
-`datasets.save_to_disk`, or a kohya-style folder of images with same-named .txt captions.
+`datasets.save_to_disk`, or a kohya-style folder of images with same-named .txt captions (subfolders `N_name/`
+give their images N repeats, as kohya does). A caption is a string, or a list of them (a list in the caption
+column, a .txt file of several non-empty lines): several captions of one image.
 Preprocessing follows diffusers' train_text_to_image_lora_sdxl.py: shorter side resized to the
 resolution (bilinear), center or random crop, [-1, 1] pixels, and SDXL's time_ids. With aspect-ratio
 buckets the target is the bucket (height, width) nearest the image's aspect ratio instead of the square.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +43,11 @@ class Record:
 class Source:
     """A list of records plus a way to read one record's image bytes."""
 
-    def __init__(self, name: str, records: list[Record], table=None, image_column: str | None = None):
+    def __init__(self, name: str, records: list[Record], table=None, image_column: str | None = None,
+                 repeats: dict[str, int] | None = None):
         self.name = name
         self.records = records
+        self.repeats = repeats or {}  # kohya folder `N_name` -> N
         self._table = table
         self._image_column = image_column
 
@@ -132,8 +138,16 @@ def _table_source(name, table, image_column, caption_column) -> Source:
     return Source(name, records, table, image_column)
 
 
+KOHYA_FOLDER = re.compile(r"(\d+)_.+")  # kohya's dataset subfolder: N repeats, then the name
+
+
 def _kohya_source(root: Path) -> Source:
-    """Images with a same-named .txt caption beside each (the kohya convention)."""
+    """Images with a same-named .txt caption beside each (the kohya convention); top-level subfolders named
+    `N_name` give their images N repeats per epoch."""
+    repeats = {p.name: int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := KOHYA_FOLDER.fullmatch(p.name))}
+    if any(n < 1 for n in repeats.values()):
+        raise UserError(f"{root}: kohya folder(s) {', '.join(k for k, n in repeats.items() if n < 1)} have 0 repeats: "
+                        "name them N_name with N >= 1")
     records = []
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
@@ -141,19 +155,30 @@ def _kohya_source(root: Path) -> Source:
         txt = path.with_suffix(".txt")
         caption = _read_caption_file(txt) if txt.exists() else None
         records.append(Record(str(path.relative_to(root)), caption, str(path)))
-    return Source(str(root), records)
+    return Source(str(root), records, repeats=repeats)
 
 
 def _read_caption_file(txt: Path):
+    """The caption, or the list of captions of a file with several non-empty lines."""
     data = txt.read_bytes()
     try:
-        return data.decode("utf-8-sig").strip()  # without a byte-order mark (Windows editors write one)
+        text = data.decode("utf-8-sig")  # without a byte-order mark (Windows editors write one)
     except UnicodeDecodeError:
         return data  # check_caption reports it
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines if len(lines) > 1 else text.strip()
+
+
+def first_caption(caption):
+    """The caption stored with the image (a list's first; what identifies the sample), as found otherwise."""
+    return caption[0] if isinstance(caption, list) and caption else caption
 
 
 def check_caption(caption) -> str | None:
     """None when the caption is usable, else the reason to skip the sample."""
+    if isinstance(caption, list):
+        return next((f"caption {i + 1} of {len(caption)}: {reason}" for i, c in enumerate(caption)
+                     if (reason := check_caption(c))), None) if caption else "empty caption list"
     if caption is None:
         return "missing caption"
     if isinstance(caption, bytes):
@@ -185,11 +210,37 @@ def decode_image(data: bytes) -> Image.Image:
     return im.convert("RGB")
 
 
+def find_mask(masks: str, key: str) -> Path | None:
+    """The mask of the image `key` in the folder `masks`: same relative folder and stem, any image extension;
+    else the same stem at the folder's top level; None when there is none."""
+    stem = Path(key).with_suffix("")
+    for candidate in (Path(masks) / stem, Path(masks) / stem.name):
+        for path in sorted(candidate.parent.glob(f"{glob.escape(candidate.name)}.*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                return path
+    return None
+
+
+def decode_mask(data: bytes, alpha: bool) -> Image.Image | None:
+    """A mask as a grayscale image ("L", white = learn): a mask file's gray levels, or with `alpha` the image's
+    own alpha channel (None where it has none); EXIF orientation applied as to the image."""
+    Image.MAX_IMAGE_PIXELS = None  # decode_image has checked the size of the image it belongs to
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if not alpha:
+        return im.convert("L")
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    return None
+
+
 @dataclass
 class Preprocessed:
     pixels: torch.Tensor          # (3, H, W) in [-1, 1]
     time_ids: torch.Tensor        # (6,) original_h, original_w, crop_top, crop_left, target_h, target_w
     time_ids_flipped: torch.Tensor  # the same crop seen in the mirrored image
+    mask: torch.Tensor | None = None  # (1, H/8, W/8) in [0, 1]: the mask's crop, area-averaged to latent pixels
 
 
 def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
@@ -243,16 +294,25 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() * 2.0 - 1.0
 
 
+LATENT_FACTOR = 8  # SDXL's VAE: one latent pixel per 8x8 image pixels
+
+
 def preprocess(image: Image.Image, resolution: int, center_crop: bool, crop_seed: str,
-               size: tuple[int, int] | None = None) -> Preprocessed:
+               size: tuple[int, int] | None = None, mask: Image.Image | None = None) -> Preprocessed:
     """Resize, crop and normalize one image to `size` (height, width; default the square resolution²);
-    the crop of a random-crop cache is fixed by crop_seed."""
+    the crop of a random-crop cache is fixed by crop_seed. A `mask` ("L") is resized and cropped exactly like
+    the image (first brought to the image's size), then averaged over each latent pixel's 8x8 image pixels."""
     th, tw = size or (resolution, resolution)
     original_h, original_w = image.height, image.width
     image = resize_to_cover(image, th, tw)
     resized_width = image.width
     top, left = crop_origin(image.height, image.width, (th, tw), center_crop, random.Random(crop_seed))
     image = image.crop((left, top, left + tw, top + th))
+    if mask is not None:
+        mask = mask if mask.size == (original_w, original_h) else mask.resize((original_w, original_h), Image.BILINEAR)
+        mask = resize_to_cover(mask, th, tw).crop((left, top, left + tw, top + th))
+        mask = torch.nn.functional.avg_pool2d(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None],
+                                              LATENT_FACTOR)
     # Mirroring the crop equals cropping the mirrored image at the mirrored left edge.
     left_flipped = resized_width - tw - left
     original = (original_h, original_w)
@@ -260,6 +320,7 @@ def preprocess(image: Image.Image, resolution: int, center_crop: bool, crop_seed
         pixels=to_pixels(image),
         time_ids=time_ids(original, (top, left), (th, tw)),
         time_ids_flipped=time_ids(original, (top, left_flipped), (th, tw)),
+        mask=mask,
     )
 
 

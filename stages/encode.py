@@ -16,14 +16,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cache.format import EMPTY_PROMPT_NAME, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
+from cache.format import EMPTY_PROMPT_NAME, FORMAT_VERSION, MANIFEST_NAME, VALIDATION_NAME, CacheError, Manifest, fingerprint
 from cache.lock import lock_folder
 from cache.writer import (CacheWriter, corrupt_shards, drop_shards, foreign_entries, merge_parts, remove_cache_files,
-                          unfinished_encode, write_empty_prompt, write_validation)
+                          set_variants, unfinished_encode, write_empty_prompt, write_validation)
 from stages import distributed
+from stages.captions import caption_texts
 from stages.config import EncodeConfig
-from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, nearest_bucket,
-                         open_source, preprocess)
+from stages.data import (MIN_SIDE_FRACTION, Source, bucket_sizes, check_caption, decode_image, decode_mask, find_mask,
+                         first_caption, nearest_bucket, open_source, preprocess)
 from stages.device import resolve_device
 from stages.errors import UserError, clean, kill_point
 from stages.paths import check_output_folder
@@ -80,7 +81,7 @@ class PreprocessDataset(Dataset):
 
     def __getitem__(self, i):
         rec = self.records[i]
-        item = {"key": rec.key, "caption": rec.caption}
+        item = {"key": rec.key, "caption": first_caption(rec.caption)}
         reason = check_caption(rec.caption)
         if reason:
             return {**item, "skip": reason}
@@ -93,6 +94,16 @@ class PreprocessDataset(Dataset):
             image = decode_image(data)
         except Exception as e:  # any decoder failure is a property of the file: record and skip
             return {**item, "skip": clean(f"cannot decode image: {type(e).__name__}: {e}")}
+        mask, mask_path = None, find_mask(self.cfg.masks, rec.key) if self.cfg.masks else None
+        try:
+            if mask_path:
+                mask_bytes = mask_path.read_bytes()
+                item["source"]["mask_sha256"] = hashlib.sha256(mask_bytes).hexdigest()
+                mask = decode_mask(mask_bytes, alpha=False)
+            elif self.cfg.alpha_mask:
+                mask = decode_mask(data, alpha=True)
+        except Exception as e:  # as with images: a property of the file, recorded as a skip
+            return {**item, "skip": clean(f"cannot decode mask {mask_path or '(alpha)'}: {type(e).__name__}: {e}")}
         largest = max(self.resolutions)
         if min(image.size) * MIN_SIDE_FRACTION < largest:
             return {**item, "skip": f"image is {image.width}x{image.height}: shorter side below "
@@ -101,7 +112,7 @@ class PreprocessDataset(Dataset):
         plain = not self.buckets and len(self.resolutions) == 1  # its shards stay readable by earlier versions
         for r in self.resolutions:
             size = nearest_bucket(image.height, image.width, self.buckets[r]) if self.buckets else (r, r)
-            pre = preprocess(image, r, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}", size=size)
+            pre = preprocess(image, r, self.cfg.center_crop, crop_seed=f"{self.cfg.seed}:{rec.key}", size=size, mask=mask)
             item["pre"].append((None if plain else (r, *size), pre))
         return item
 
@@ -122,9 +133,9 @@ class Staleness:
         return not (self.todo or self.removed)
 
 
-def find_stale(old: Manifest, source: Source, corrupt: list[int] = ()) -> Staleness:
-    """Compare every record's caption and image bytes (sha256) with what the manifest recorded; samples in the
-    `corrupt` shards are encoded again."""
+def find_stale(old: Manifest, source: Source, corrupt: list[int] = (), masks: str | None = None) -> Staleness:
+    """Compare every record's (first) caption, image bytes and mask file (sha256) with what the manifest recorded;
+    samples in the `corrupt` shards are encoded again. Captions beyond the first are set_variants' business."""
     samples: dict[str, list] = {}  # key -> its SampleInfo per resolution
     for s in old.samples:
         samples.setdefault(s.key, []).append(s)
@@ -135,10 +146,12 @@ def find_stale(old: Manifest, source: Source, corrupt: list[int] = ()) -> Stalen
             digest = hashlib.sha256(source.read_bytes(rec)).hexdigest()
         except (OSError, ValueError):
             digest = None
-        caption = rec.caption if isinstance(rec.caption, str) else None
+        caption = first_caption(rec.caption) if isinstance(first_caption(rec.caption), str) else None
+        mask = find_mask(masks, rec.key) if masks else None
+        mask_digest = hashlib.sha256(mask.read_bytes()).hexdigest() if mask else None
         if rec.key in samples:
             s = samples[rec.key][0]
-            if s.caption != caption or s.source.get("sha256") != digest:
+            if s.caption != caption or s.source.get("sha256") != digest or s.source.get("mask_sha256") != mask_digest:
                 st.changed.append(rec.key)
                 st.todo.append(rec)
             elif any(x.shard in corrupt for x in samples[rec.key]):
@@ -188,7 +201,9 @@ def encode(cfg: EncodeConfig, log=print) -> Manifest:
 
 
 def _encode(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> Manifest:
-    manifest, parts = _encode_samples(cfg, log, held)
+    manifest, parts, source = _encode_samples(cfg, log, held)
+    if manifest is not None and not cfg.dry_run and distributed.is_main():
+        _store_variants(cfg, manifest, source, parts, log)
     if cfg.validation_prompt and manifest is not None and not cfg.dry_run and distributed.is_main():
         prompts = list(cfg.validation_prompt)
         if manifest.validation_prompts != prompts or not (Path(cfg.cache) / VALIDATION_NAME).exists():
@@ -206,7 +221,23 @@ def _encode(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> Manifest:
     return manifest
 
 
-def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple[Manifest | None, dict]:
+def _store_variants(cfg: EncodeConfig, manifest: Manifest, source: Source, parts: dict, log) -> None:
+    """Every sample's captions beyond its first (its source's other captions, --caption-variants copies), embedded
+    once per distinct text into caption shards; a rerun with other settings adds and removes only texts."""
+    captions = {r.key: r.caption for r in source.records}
+    wanted = {s.key: caption_texts(captions[s.key], s.key, cfg.seed, cfg.caption_variants, cfg.tag_separator,
+                                   cfg.keep_tokens, cfg.shuffle_tags, cfg.tag_dropout)[1:] for s in manifest.samples}
+
+    def embed(texts):
+        return (t.cpu() for t in encode_prompts((parts["tokenizer"], parts["tokenizer_2"]),
+                                                (parts["text_encoder"], parts["text_encoder_2"]), texts))
+    added = set_variants(Path(cfg.cache), manifest, wanted, embed, cfg.shard_size)
+    if added:
+        log(f"stored {added} caption variant text(s); {sum(len(v) for v in wanted.values())} variant(s) over "
+            f"{sum(bool(v) for v in wanted.values())} sample(s)")
+
+
+def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple[Manifest | None, dict, Source]:
     if cfg.cache_dtype not in ("fp16", "bf16", "fp32"):
         raise UserError(f"--cache-dtype must be fp16, bf16 or fp32, not {cfg.cache_dtype}")
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
@@ -217,11 +248,13 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     model = ModelSource(cfg.model, cfg.revision, cfg.variant, cfg.model_config).check()  # paths first: nothing loads
     check_vae(cfg.vae)
     check_output_folder(cfg.cache, "--cache", dry_run=cfg.dry_run)
+    if cfg.masks and not Path(cfg.masks).is_dir():
+        raise UserError(f"--masks {cfg.masks}: no such folder (it holds a grayscale mask per image, named like the image)")
 
     source = open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column)
     if not source.records:
         raise UserError(f"no images found in dataset {cfg.dataset}")
-    record_ids = hashlib.sha256(json.dumps([(r.key, r.caption if isinstance(r.caption, str) else None)
+    record_ids = hashlib.sha256(json.dumps([(r.key, r.caption if isinstance(r.caption, (str, list)) else None)
                                             for r in source.records]).encode()).hexdigest()
 
     if cache.exists() and not (cache / MANIFEST_NAME).exists() and not unfinished_encode(cache) \
@@ -246,6 +279,8 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
                      "center_crop": cfg.center_crop, "flip": cfg.flip}
     if cfg.buckets:  # recorded only when on, so that caches made before buckets existed keep their fingerprint
         preprocessing["buckets"] = {"step": cfg.bucket_step, "max_aspect": cfg.bucket_max_aspect}
+    if cfg.masks or cfg.alpha_mask:  # likewise: the shards then hold masks
+        preprocessing["masks"] = "alpha" if cfg.alpha_mask else "folder"
 
     manifest = Manifest(
         fingerprint=fingerprint(weights, preprocessing, cfg.cache_dtype),
@@ -254,7 +289,7 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
         scaling_factor=float(vae.config.scaling_factor),
         shift_factor=getattr(vae.config, "shift_factor", None),
         dataset={"name": cfg.dataset, "split": cfg.split, "num_records": len(source.records),
-                 "records_sha256": record_ids},
+                 "records_sha256": record_ids, **({"repeats": source.repeats} if source.repeats else {})},
         config={**asdict(cfg), "resolution": preprocessing["resolution"]},
     )
 
@@ -268,17 +303,21 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
             report = f"cache {cache} was made with other settings ({_describe_difference(old, manifest)})"
             if cfg.dry_run:
                 log(f"{report}: every sample is stale; only --overwrite can rebuild it")
-                return old, parts
+                return old, parts, source
             raise UserError(f"{report}; a partial update is impossible: pass --overwrite to replace it, "
                             "or choose another --cache")
         corrupt = corrupt_shards(cache, old)
-        stale = find_stale(old, source, corrupt)
+        stale = find_stale(old, source, corrupt, cfg.masks)
         if stale.up_to_date:
             if not old.samples:
                 raise UserError(f"no usable images in {cfg.dataset}: all {len(old.skipped)} inputs were skipped "
                                 f"(see {cache / MANIFEST_NAME})")
+            if old.dataset.get("repeats") != manifest.dataset.get("repeats") and not cfg.dry_run and rank == 0:
+                old.dataset["repeats"], old.format_version = manifest.dataset.get("repeats"), FORMAT_VERSION
+                old.save(cache)  # kohya folders of a cache encoded before repeats were recorded
+                log(f"recorded the kohya folders' repeats: {old.dataset['repeats']}")
             log(f"cache {cache} is up to date ({old.num_samples} samples); nothing to do")
-            return old, parts
+            return old, parts, source
         log(f"cache {cache}: {len({s.key for s in stale.kept})} samples unchanged; stale: {len(stale.added)} added"
             + (f" ({_names(stale.added)})" if stale.added else "")
             + f", {len(stale.changed)} changed" + (f" ({_names(stale.changed)})" if stale.changed else "")
@@ -286,7 +325,7 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
             + (f"; {len(stale.repaired)} to encode again from {len(corrupt)} missing or corrupt shard(s) "
                f"({_names([old.shards[i].file for i in corrupt])})" if corrupt else ""))
         if cfg.dry_run:
-            return old, parts
+            return old, parts, source
         # Append-only update: kept samples stay where they are, stale ones go into new shards; corrupt shards leave
         # the manifest (their samples are among the stale ones) and are deleted.
         manifest.shards, manifest.samples = drop_shards(old, stale.kept, corrupt)
@@ -298,7 +337,7 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
         todo = stale.todo
     elif cfg.dry_run:
         log(f"no complete cache in {cache}: all {len(source.records)} records would be encoded")
-        return None, parts
+        return None, parts, source
     elif cfg.overwrite:
         if rank == 0:
             remove_cache_files(cache)
@@ -326,7 +365,7 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
         for batch in loader:
             good = [item for item in batch if "skip" not in item]
             if good:
-                encoded = _encode_batch(good, vae, tokenizers, text_encoders, cfg.flip)
+                encoded = _encode_batch(good, vae, tokenizers, text_encoders, cfg.flip, bool(cfg.masks or cfg.alpha_mask))
                 truncated += truncated_keys(tokenizers, good)
             for item in batch:
                 if "skip" in item:
@@ -354,12 +393,13 @@ def _encode_samples(cfg: EncodeConfig, log, held: contextlib.ExitStack) -> tuple
     log(f"encoded {manifest.num_samples} samples ({len(manifest.skipped)} skipped) into {len(manifest.shards)} "
         f"shard(s), {total_bytes / 1e6:.1f} MB, in {time.time() - started:.1f} s ({rate:.1f} images/s after "
         f"loading the encoders) -> {cache}")
-    return manifest, parts
+    return manifest, parts, source
 
 
-def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool) -> list[list]:
+def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool, masked: bool = False) -> list[list]:
     """Encode a batch of preprocessed items; returns per item its [(group, dict of unbatched tensors)], one
-    per resolution. The VAE sees one pass per image shape (a resolution and bucket), mirrored copies included."""
+    per resolution. The VAE sees one pass per image shape (a resolution and bucket), mirrored copies included.
+    `masked`: every sample also gets its mask (ones for an image without one), mirrored too."""
     prompt_embeds, pooled = (t.cpu() for t in encode_prompts(tokenizers, text_encoders, [item["caption"] for item in items]))
     by_shape: dict[tuple, list[tuple[int, int]]] = {}  # pixel shape -> (item, resolution slot)
     for i, item in enumerate(items):
@@ -381,8 +421,11 @@ def _encode_batch(items: list[dict], vae, tokenizers, text_encoders, flip: bool)
             lat = latents[(i, j)]
             sample = {"latent_mean": lat[0], "latent_std": lat[1], "prompt_embeds": prompt_embeds[i],
                       "pooled_prompt_embeds": pooled[i], "time_ids": pre.time_ids}
+            if masked:
+                sample["mask"] = pre.mask if pre.mask is not None else torch.ones_like(lat[0][:1])
             if flip:
-                sample.update(latent_mean_flipped=lat[2], latent_std_flipped=lat[3], time_ids_flipped=pre.time_ids_flipped)
+                sample.update(latent_mean_flipped=lat[2], latent_std_flipped=lat[3], time_ids_flipped=pre.time_ids_flipped,
+                              **({"mask_flipped": sample["mask"].flip(-1)} if masked else {}))
             record.append((group, {k: v.detach().clone() for k, v in sample.items()}))  # own storage, not a view
         out.append(record)
     return out
@@ -408,6 +451,18 @@ def describe(manifest: Manifest) -> str:
         f"scaling factor   {m.scaling_factor}" + (f", shift {m.shift_factor}" if m.shift_factor else ""),
         f"fingerprint      {m.fingerprint}",
     ]
+    captions = {s.key: 1 + len(s.variants or ()) for s in m.samples}
+    if any(n > 1 for n in captions.values()):
+        lines.append(f"captions         {sum(captions.values()) / len(captions):.2f} per sample on average (up to "
+                     f"{max(captions.values())}; {sum(n > 1 for n in captions.values())} samples with several), "
+                     f"{sum(c.num_samples for c in m.caption_shards)} variant text(s) in {len(m.caption_shards)} "
+                     "caption shard(s)")
+    if m.dataset.get("repeats"):
+        lines.append("kohya repeats    " + ", ".join(f"{folder}: {n}" for folder, n in sorted(m.dataset["repeats"].items())))
+    if m.masked:
+        files = len({s.key for s in m.samples if s.source.get("mask_sha256")})
+        lines.append("masks            " + ("the images' alpha channels" if m.preprocessing["masks"] == "alpha" else
+                                            f"{files} mask file(s)") + " (ones where an image has none)")
     if m.bucketed:
         counts = m.bucket_counts()
         for r in m.resolutions:

@@ -97,6 +97,13 @@ def conditional_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: 
     return 2 * c * root if loss_type == "huber" else 2 * root
 
 
+def mask_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights from masks (B, 1, h, w) in [0, 1]: each sample's mask divided by its mean, so a
+    sample's loss stays a mean over its pixels, sum(m · loss) / sum(m) (an all-ones mask: weights of exactly 1;
+    an all-zero mask: weights 0). kohya sd-scripts' masked loss weights by the mask without this normalisation."""
+    return mask / mask.mean(dim=(1, 2, 3), keepdim=True).clamp(min=torch.finfo(mask.dtype).tiny)
+
+
 def stratified_timesteps(num_timesteps: int, window: int, generator: torch.Generator) -> torch.Tensor:
     """`window` timesteps, one uniform draw in each of `window` equal integer strata of [0, T), in a random order.
 
@@ -160,6 +167,10 @@ class Recipe:
     huber_c: float = 0.1
     huber_schedule: str = "snr"
     debiased_estimation: bool = False
+    masked_loss: bool = False  # weight the per-pixel loss by the batch's "mask"
+    cache_loss_weights: torch.Tensor | None = None  # several caches: LOSS_WEIGHT per cache, on the device
+    cache_names: tuple = ()  # several caches: their names in the metrics
+    cache_losses: torch.Tensor | None = None  # several caches: (caches, 2) loss sum and sample count, on the device
     _snr: torch.Tensor | None = field(default=None, repr=False)  # SNR per timestep, for min-SNR weights
     _alphas_cumprod: torch.Tensor | None = field(default=None, repr=False)  # on the CPU, for Huber thresholds
 
@@ -191,6 +202,24 @@ class Recipe:
         drop = caption_dropout_mask(self.seed, batch["position"].tolist(), self.caption_dropout)
         return drop_captions(prompt_embeds, pooled, drop, self.empty_prompt)
 
+    def cached_inputs(self, batch) -> dict[str, torch.Tensor]:
+        """The batch's tensors the loss reads beside the draws: its masks (--masked-loss), its caches (several)."""
+        return {**({"mask": batch["mask"].float()} if self.masked_loss else {}),
+                **({"cache": batch["cache"]} if self.cache_loss_weights is not None else {})}
+
+    @property
+    def state(self) -> list[torch.Tensor]:
+        """The tensors `loss` accumulates into (CUDA graphs restore them after their warm-up runs)."""
+        return [self.cache_losses] if self.cache_losses is not None else []
+
+    def cache_loss_row(self) -> dict[str, float]:
+        """Each cache's mean loss since the last call (weighted as trained, before its LOSS_WEIGHT), for metrics."""
+        if self.cache_losses is None:
+            return {}
+        sums = self.cache_losses.tolist()
+        self.cache_losses.zero_()
+        return {f"loss/{name}": s / n for name, (s, n) in zip(self.cache_names, sums) if n}
+
     def loss_weights(self, noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights (min-SNR × debiased estimation), computed from the drawn timesteps before the
         forward; None: none."""
@@ -214,32 +243,51 @@ class Recipe:
             self._alphas_cumprod = noise_scheduler.alphas_cumprod.detach().cpu()
         return huber_thresholds(timesteps.cpu(), self.huber_c, self.huber_schedule, self._alphas_cumprod)
 
-    def loss(self, model_pred, target, weights: torch.Tensor | None = None,
-             huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, model_pred, target, weights: torch.Tensor | None = None, huber_c: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, cache: torch.Tensor | None = None) -> torch.Tensor:
         """The micro-batch's loss: the mean over elements (mse: F.mse_loss, as the reference), or with per-sample
-        weights the weighted mean of per-sample means."""
-        if weights is None and self.loss_type == "mse":
+        weights the weighted mean of per-sample means. `mask` (B, 1, h, w) weights pixels (mask_weights); `cache`
+        (B,) says which cache each sample comes from: its loss is recorded per cache and scaled by its LOSS_WEIGHT."""
+        if weights is None and self.loss_type == "mse" and mask is None and cache is None:
             return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        per_sample = conditional_loss(model_pred.float(), target.float(), self.loss_type, huber_c).mean(dim=(1, 2, 3))
-        return (per_sample if weights is None else per_sample * weights).mean()
+        elementwise = conditional_loss(model_pred.float(), target.float(), self.loss_type, huber_c)
+        if mask is not None:
+            elementwise = elementwise * mask_weights(mask)
+        if weights is None and cache is None:
+            return elementwise.mean()
+        per_sample = elementwise.mean(dim=(1, 2, 3)) * (1 if weights is None else weights)
+        if cache is not None:
+            self.cache_losses[:, 0].index_add_(0, cache, per_sample.detach())
+            self.cache_losses[:, 1].index_add_(0, cache, torch.ones_like(per_sample))
+            per_sample = per_sample * self.cache_loss_weights[cache]
+        return per_sample.mean()
 
 
 def make_recipe(seed: int, window: int, noise_offset: float, min_snr_gamma: float | None, timestep_sampling: str,
                 caption_dropout: float, empty_prompt, cache: str, device: torch.device, loss_type: str = "mse",
-                huber_c: float = 0.1, huber_schedule: str = "snr", debiased_estimation: bool = False) -> Recipe:
+                huber_c: float = 0.1, huber_schedule: str = "snr", debiased_estimation: bool = False,
+                masked_loss: bool = False) -> Recipe:
     """The Recipe of train's options; `empty_prompt` is CacheReader.empty_prompt() (needed for caption dropout).
-    `window` = samples per optimizer step, all processes together."""
+    `window` = samples per optimizer step, all processes together. `cache` is --cache: given several times, its
+    LOSS_WEIGHTs scale each cache's loss, which is also recorded per cache."""
+    from cache.mixture import cache_names
+    from stages.config import parse_cache_specs
+    specs = parse_cache_specs(cache)
+    mixture = {} if len(specs) == 1 else {
+        "cache_loss_weights": torch.tensor([lw for _, _, lw in specs], device=device),
+        "cache_names": tuple(cache_names([p for p, _, _ in specs])),
+        "cache_losses": torch.zeros(len(specs), 2, device=device)}
     empty = None
     if caption_dropout > 0:
         if empty_prompt is None:
-            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {cache} "
+            raise UserError(f"--caption-dropout needs the empty caption's embedding, which cache {specs[0][0]} "
                             "predates: run the same `encode` command again (it adds the embedding and leaves "
                             "the samples as they are)")
         empty = {k: v.to(device) for k, v in empty_prompt.items()}
     return Recipe(seed=seed, window=window, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma,
                   timestep_sampling=timestep_sampling, caption_dropout=caption_dropout, empty_prompt=empty,
                   loss_type=loss_type, huber_c=huber_c, huber_schedule=huber_schedule,
-                  debiased_estimation=debiased_estimation)
+                  debiased_estimation=debiased_estimation, masked_loss=masked_loss, **mixture)
 
 
 def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cache import CacheReader
+from cache import CacheReader, open_caches
 from cache.files import write_json_atomic
 from cache.sampler import micro_batches, note_small_buckets
 from stages import checkpoint, distributed
 from stages.budget import watch_memory
-from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, resolution_stages, stage_resolution
+from stages.config import LORA_TYPES, QUANTIZED, TrainConfig, parse_cache_specs, resolution_stages, stage_resolution
 from stages.device import (CudaGraphs, apply_compile, check_device_options, enable_attention, enable_checkpointing,
                            resolve_device, resolve_precision, use_cuda_graphs)
 from stages.errors import UserError, kill_point
@@ -58,7 +58,7 @@ def draw_inputs(batch: dict, num_timesteps: int, generator: torch.Generator, rec
              **{k: v for k, v in (("loss_weights", weights), ("huber_c", huber_c)) if v is not None}}
     pin = mean.device.type == "cuda"  # pinned: the copies do not wait for the GPU's queue
     return {"latent_mean": mean, "latent_std": batch["latent_std"].float(), "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled, "time_ids": batch["time_ids"],
+            "pooled_prompt_embeds": pooled, "time_ids": batch["time_ids"], **recipe.cached_inputs(batch),
             **{k: (v.pin_memory() if pin else v).to(mean.device, non_blocking=True) for k, v in draws.items()}}
 
 
@@ -73,7 +73,7 @@ def diffusion_loss(unet, noise_scheduler, x: dict[str, torch.Tensor], recipe: Re
     dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
     added = {"text_embeds": x["pooled_prompt_embeds"].to(dtype), "time_ids": x["time_ids"].to(dtype)}
     model_pred = unet(noisy_latents, x["timesteps"], x["prompt_embeds"].to(dtype), added_cond_kwargs=added).sample
-    return recipe.loss(model_pred, target, x.get("loss_weights"), x.get("huber_c"))  # MSE, or as --loss, weighted
+    return recipe.loss(model_pred, target, x.get("loss_weights"), x.get("huber_c"), x.get("mask"), x.get("cache"))
 
 
 def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator,
@@ -191,8 +191,8 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
     source = source or cache_model_source(reader.manifest.encoder, cfg.model, cfg.revision, cfg.variant, cfg.model_config)
     autocast_dtype = resolve_precision(cfg.mixed_precision, device)
     recipe = make_recipe(cfg.seed, cfg.batch_size * cfg.grad_accum * world, cfg.noise_offset, cfg.min_snr_gamma,
-                         cfg.timestep_sampling, cfg.caption_dropout, reader.empty_prompt() if cfg.caption_dropout
-                         else None, cfg.cache, device, cfg.loss, cfg.huber_c, cfg.huber_schedule, cfg.debiased_estimation)
+                         cfg.timestep_sampling, cfg.caption_dropout, reader.empty_prompt() if cfg.caption_dropout else None,
+                         cfg.cache, device, cfg.loss, cfg.huber_c, cfg.huber_schedule, cfg.debiased_estimation, cfg.masked_loss)
     check_base_weights(cfg.base_weights, device, cfg.lora_type)  # before the slow load
     check_device_options(cfg.attention, cfg.compile, device)
     check_target_modules(source, cfg.target_module_list, cfg.rank_pattern_dict)
@@ -227,7 +227,7 @@ def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log
                   source, recipe, loss_sum=torch.zeros((), device=device), ema=ema)
     if graphs:
         model.graphs = CudaGraphs(lambda x: model.run_micro_batch(x, cfg.grad_accum),
-                                  [*(p.grad for p in flat.flat_params), model.loss_sum], log)
+                                  [*(p.grad for p in flat.flat_params), model.loss_sum, *recipe.state], log)
     return model
 
 
@@ -237,7 +237,7 @@ def train_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device
     """(optimizer step, [micro-batches on device]) from `first_step` to --max-steps, through the resolution schedule."""
     schedule = resolution_stages(cfg.resolution_schedule, reader.manifest.resolutions, cfg.max_steps, cfg.cache)
     return micro_batches(reader, schedule, cfg.seed, cfg.batch_size, cfg.grad_accum, first_step, device, rank, world,
-                         cfg.num_workers)
+                         cfg.num_workers, cfg.masked_loss)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -249,9 +249,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     out = Path(cfg.output)
     check_report_to(cfg.report_to)  # a missing tracker fails now, not after the UNet is loaded
-    reader = CacheReader(cfg.cache)
-    if len(reader) == 0:
-        raise UserError(f"cache {cfg.cache} holds no samples")
+    reader = open_caches(parse_cache_specs(cfg.cache), cfg.masked_loss)  # one cache's reader, or several's mixture
     if cfg.verify_cache and (problems := reader.verify()):
         raise UserError(f"cache {cfg.cache} is corrupt: {'; '.join(problems)}; rerun the encode command that made it: "
                         "it encodes again only the samples of the corrupt shard(s)")
@@ -308,6 +306,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
             if validator and (step + 1) % cfg.validate_every == 0:
                 with model.final_weights():
                     row.update(validator(model.unet, model.noise_scheduler, step + 1, out, stage_resolution(schedule, step)))
+            row.update(model.recipe.cache_loss_row())  # several caches: each one's loss
             watch.check(row, step + 1 - start_step)  # --vram-budget: the first steps' and validations' measured peaks
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()

@@ -17,6 +17,8 @@ def tables() -> str:
             d = p.default
             if isinstance(d, bool):
                 d = "on" if d else "off"
+            elif isinstance(d, tuple) and len(d) == 1:  # a repeatable option's one default value
+                d = f"`{d[0]}`"
             else:
                 d = "" if d in (None, ()) or not isinstance(d, (int, float, str)) else f"`{d}`"
             choices = f" ({'/'.join(p.type.choices)})" if isinstance(p.type, click.Choice) else ""

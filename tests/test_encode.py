@@ -277,7 +277,7 @@ def test_cli_info_and_verify(cli_cache, tmp_path):
     plain = runner.invoke(pipeline_cli, ["info", str(cache)])
     assert plain.exit_code == 0, plain.output
     m = Manifest.load(cache)
-    for expected in ("format version   1", "samples          6 (0 skipped)", "resolution       64",
+    for expected in ("format version   2", "samples          6 (0 skipped)", "resolution       64",
                      "crop             center", "flip             True", "dtype            fp16",
                      f"fingerprint      {m.fingerprint}", f"dataset          {m.dataset['name']} [train]"):
         assert expected in plain.stdout.splitlines(), expected
