@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from cache.files import default_mode
-from stages.config import DEFAULT_MODEL, RANDOM_SDXL
+from stages.config import DEFAULT_MODEL, DEMO_MODEL, RANDOM_SDXL
 from stages.errors import UserError
 from stages.paths import did_you_mean, looks_like_path
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"  # what --model demo names (model card: README.md)
 
 # SDXL base 1.0 UNet architecture (unet/config.json of the hub model), so that full-size memory and
 # speed can be measured with random weights and no download.
@@ -62,6 +63,10 @@ class ModelSource:
     variant: str | None = None
     model_config: str | None = None  # single file only: diffusers folder / hub id describing its configs
 
+    def __post_init__(self):
+        if self.model == DEMO_MODEL:  # the one place `demo` becomes the shipped model's folder
+            self.model = str(DEMO_MODEL_DIR)
+
     @property
     def kind(self) -> str:
         if self.model == RANDOM_SDXL:
@@ -80,6 +85,9 @@ class ModelSource:
         """Refuse, before anything loads, a model path that is not there (see `kind`) or is no model (a folder
         without model_index.json or unet/, a file that is no .safetensors / .ckpt checkpoint), a --variant a
         local folder does not have, and a --model-config path that is not there."""
+        if self.model == str(DEMO_MODEL_DIR) and not (DEMO_MODEL_DIR / "model_index.json").is_file():
+            raise UserError(f"--model demo: the demo model is not in {DEMO_MODEL_DIR} (this installation lacks its "
+                            "weights; bench/pretrain_demo_model.py makes them)")
         kind = self.kind  # raises for a path that is not there
         folder = Path(self.model)
         if kind == "folder" and not ((folder / "model_index.json").is_file() or (folder / "unet").is_dir()):
