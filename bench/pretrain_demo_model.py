@@ -9,8 +9,8 @@ words, SDXL's noise schedule; about 6.9 M parameters, 14 MB in fp16. The data: s
 the training device every step (no dataset, no download). First the VAE (a quarter of the time; any colours and
 outlines, so that it also encodes the demo's style), then the UNet on its latents (epsilon prediction, 10% of
 captions dropped to zeros as the pipeline's empty negative prompt is, EMA weights saved). The text encoders keep
-their seeded random init: their per-token states tell the caption words apart well enough for the UNet's
-cross-attention, and a frozen encoder lets every caption be encoded once.
+their seeded random init (embeddings scaled up, see EMBEDDING_SCALE): their per-token states tell the caption words
+apart well enough for the UNet's cross-attention, and a frozen encoder lets every caption be encoded once.
 
 Outputs in --out: model/ (a diffusers folder StableDiffusionXLPipeline.from_pretrained loads, fp16 safetensors, a
 model card README.md), replaced whole at every save (each --save-every seconds and at the end: a run stopped early
@@ -47,6 +47,8 @@ STYLE_WORDS = ("plain", "flat", "simple")  # "... in plain style": the base know
 VAE_SHARE = 0.25      # of --minutes
 DROP_CAPTIONS = 0.1   # share of captions replaced by zeros (the unconditional branch of guidance)
 WARMUP_STEPS = 200
+EMBEDDING_SCALE = 25  # token and position embeddings at std 0.5 instead of CLIP's 0.02: the caption's words then move
+                      # the prompt embeddings by about 0.5 (0.2 unscaled), so the UNet reads them sooner
 
 
 def vae_config(resolution: int) -> dict:
@@ -201,7 +203,8 @@ knows nothing else. `--model demo` loads it.
   text_time added conditioning), transformers CLIPTextModel + CLIPTextModelWithProjection (hidden 64 each,
   penultimate states concatenated: 128 wide; pooled 64), a word-level CLIP vocabulary of the captions' words
   (any other word falls back to characters), SDXL's noise schedule (EulerDiscreteScheduler for sampling).
-- The text encoders are their seeded random init (seed {args.seed}), not trained: the UNet learned to read them.
+- The text encoders are their seeded random init (seed {args.seed}; token and position embeddings scaled by
+  {EMBEDDING_SCALE}), not trained: the UNet learned to read them.
 - Parameters: {total / 1e6:.2f} M in all; UNet and VAE stored in fp16, the text encoders in fp32 (0.5 MB).
 
 | part | parameters |
@@ -285,6 +288,11 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = tiny_sdxl_pipeline(args.seed, words=tuple(caption_words()) + STYLE_WORDS, text_configs=(TEXT_1, TEXT_2),
                               vae_config=vae_config(args.resolution), unet_config=unet_config(args.resolution))
+    with torch.no_grad():
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            for name, module in encoder.named_modules():
+                if name.endswith(("token_embedding", "position_embedding")):
+                    module.weight.mul_(EMBEDDING_SCALE)
     pipe.to(args.device)
     params = {k: sum(p.numel() for p in getattr(pipe, k).parameters())
               for k in ("vae", "unet", "text_encoder", "text_encoder_2")}
