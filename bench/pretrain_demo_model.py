@@ -15,7 +15,7 @@ apart well enough for the UNet's cross-attention, and a frozen encoder lets ever
 Outputs in --out: model/ (a diffusers folder StableDiffusionXLPipeline.from_pretrained loads, fp16 safetensors, a
 model card README.md), replaced whole at every save (each --save-every seconds and at the end: a run stopped early
 leaves its last save), grid.png (captions x seeds rendered from the saved model at the end); --archive FILE.tar
-holds model/ (`tar -xf FILE.tar -C stages/demo_model --strip-components 1` puts it where `--model demo` finds it).
+holds model/ as demo_model/ (`tar -xf FILE.tar -C stages` puts it where `--model demo` finds it).
 """
 from __future__ import annotations
 
@@ -229,7 +229,8 @@ def save_model(pipe, ema, out: Path, archive: Path | None, card: str) -> None:
         ("text_encoder_2", pipe.text_encoder_2, full))}
     fp16 = type(pipe)(**parts, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, scheduler=pipe.scheduler)
     partial, final, old = out / "model.partial", out / "model", out / "model.old"
-    shutil.rmtree(partial, ignore_errors=True)
+    for folder in (partial, old):  # left by a run stopped while saving
+        shutil.rmtree(folder, ignore_errors=True)
     save_pipeline(fp16, partial)
     (partial / "README.md").write_text(card)
     if final.exists():
