@@ -15,6 +15,7 @@ from stages.errors import UserError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
+DEMO_MODEL = "demo"  # the small pretrained SDXL-architecture model shipped in stages/demo_model/ (./demo: a folder)
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
 DEFAULT_CACHE = "./sdxl-cache"  # not ./cache: run from the repository root, that is the cache/ source package
 
@@ -247,7 +248,7 @@ def stage_resolution(stages: list[tuple[int, int, int]], step: int) -> int:
 # ------------------------------------------------------------------------------------------ encode
 @dataclass
 class EncodeConfig:
-    model: str = opt(DEFAULT_MODEL, "Hub id, local diffusers folder, or single-file .safetensors checkpoint.")
+    model: str = opt(DEFAULT_MODEL, "Hub id, local diffusers folder, or single-file .safetensors checkpoint; demo = the small model shipped with the project.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16.")
     model_config: str | None = opt(None, "Single-file checkpoints only: diffusers folder or hub id with the matching configs (default: inferred by diffusers).")
@@ -309,7 +310,7 @@ class TrainConfig:
     output_name: str | None = opt(None, "Name of the kohya / A1111 / ComfyUI file OUTPUT/<name>.safetensors (default: the output folder's name).")
     kohya_file: bool = opt(True, "Also write OUTPUT/<name>.safetensors (and one per checkpoint) in the kohya / LyCORIS format that ComfyUI, A1111 and Forge load, the bytes `export --format kohya` writes.")
     save_dtype: str = opt("fp32", "Tensor dtype of the final LoRA files (checkpoints stay fp32, so resume stays exact).", choices=SAVE_DTYPES)
-    model: str | None = opt(None, "UNet source: hub id, diffusers folder or single file (default: the model recorded in the cache).")
+    model: str | None = opt(None, "UNet source: hub id, diffusers folder, single file or demo (default: the model recorded in the cache).")
     revision: str | None = opt(None, "Hub revision of --model (default: the cache's).")
     variant: str | None = opt(None, "Weight variant of --model, e.g. fp16 (default: the cache's).")
     model_config: str | None = opt(None, "Single-file --model only: folder or hub id with its configs.")
@@ -443,7 +444,7 @@ def same_as_train(name: str, default=dataclasses.MISSING, help: str | None = Non
 
 @dataclass
 class BenchConfig:
-    model: str = opt(RANDOM_SDXL, "random:sdxl = full-size SDXL UNet with random weights, built on the GPU (no download); or a hub id / folder.")
+    model: str = opt(RANDOM_SDXL, "random:sdxl = full-size SDXL UNet with random weights, built on the GPU (no download); or a hub id / folder, or demo.")
     resolution: int = opt(512, "Image side in pixels (latents are 1/8).", check="positive")
     batch_size: int = same_as_train("batch_size")
     grad_accum: int = same_as_train("grad_accum")
@@ -474,7 +475,7 @@ class BenchConfig:
 @dataclass
 class SampleConfig:
     lora: str | None = opt(None, "Folder holding pytorch_lora_weights.safetensors (an output or a checkpoint-N folder), or a LoRA .safetensors file (also kohya format, imported on the fly).")
-    model: str | None = opt(None, "Base model: hub id, local diffusers folder or single-file checkpoint (default: the one the LoRA was trained on, from its train_config.json; else SDXL base 1.0).")
+    model: str | None = opt(None, "Base model: hub id, local diffusers folder, single-file checkpoint or demo (default: the one the LoRA was trained on, from its train_config.json; else SDXL base 1.0).")
     prompt: tuple[str, ...] = opt((), "A prompt (repeatable).")
     negative_prompt: str | None = opt(None, "Negative prompt for every image.")
     steps: int = opt(30, "Denoising steps.", check="positive")

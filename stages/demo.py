@@ -7,14 +7,12 @@ import random
 import tempfile
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from stages.errors import UserError
 from stages.paths import check_output_folder
-
-COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "orange": (240, 140, 30),
-          "purple": (140, 60, 190), "yellow": (235, 215, 40)}
-SHAPES = ("circle", "square", "triangle")
+from stages.scenes import COLORS, OUTLINE_WIDTH, SHAPES, STYLE_TRIGGER, draw, scene_table, style_scenes
 
 
 def make_images(folder: str | Path, count: int = 12, size: tuple[int, int] = (80, 64), seed: int = 0,
@@ -26,24 +24,46 @@ def make_images(folder: str | Path, count: int = 12, size: tuple[int, int] = (80
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    rows = []
+    images, texts = [], []
     for i in range(count):
         fg, bg = rng.sample(list(COLORS), 2)
         shape = SHAPES[i % len(SHAPES)]
         w, h = size
         im = Image.new("RGB", (w, h), COLORS[bg])
-        draw = ImageDraw.Draw(im)
+        pen = ImageDraw.Draw(im)
         x0, y0 = rng.randint(0, w // 3), rng.randint(0, h // 3)
         x1, y1 = x0 + rng.randint(w // 3, w // 2), y0 + rng.randint(h // 3, h // 2)
         if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=COLORS[fg])
+            pen.ellipse((x0, y0, x1, y1), fill=COLORS[fg])
         elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=COLORS[fg])
+            pen.rectangle((x0, y0, x1, y1), fill=COLORS[fg])
         else:
-            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=COLORS[fg])
+            pen.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=COLORS[fg])
+        images.append(im)
+        texts.append(f"a {fg} {shape} on a {bg} background")
+    return _write_captioned(folder, images, texts, captions)
+
+
+def make_style_images(folder: str | Path, count: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """Write `count` scenes of scenes.style_scenes() in the demo's style (thick dark outlines), captioned with the
+    scene's caption and the trigger phrase ("a red circle on a green background in zk style"); metadata.jsonl."""
+    generator = torch.Generator().manual_seed(seed)
+    scenes = style_scenes()
+    picked = [scenes[i] for i in torch.randperm(len(scenes), generator=generator)[:count]]
+    pixels = draw(scene_table(picked), size, generator, outline=OUTLINE_WIDTH)
+    arrays = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return _write_captioned(folder, [Image.fromarray(a) for a in arrays],
+                            [f"{s.caption} {STYLE_TRIGGER}" for s in picked], "metadata")
+
+
+def _write_captioned(folder: Path, images: list, texts: list[str], captions: str) -> Path:
+    """img_NNN.png files with their captions: metadata.jsonl (imagefolder) or a .txt beside each image (kohya)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (im, caption) in enumerate(zip(images, texts)):
         name = f"img_{i:03d}.png"
         im.save(folder / name)
-        caption = f"a {fg} {shape} on a {bg} background"
         if captions == "txt":
             (folder / name).with_suffix(".txt").write_text(caption)
         rows.append({"file_name": name, "text": caption})

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from cache.files import default_mode
-from stages.config import DEFAULT_MODEL, RANDOM_SDXL
+from stages.config import DEFAULT_MODEL, DEMO_MODEL, RANDOM_SDXL
 from stages.errors import UserError
 from stages.paths import did_you_mean, looks_like_path
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"  # what --model demo names (model card: README.md)
 
 # SDXL base 1.0 UNet architecture (unet/config.json of the hub model), so that full-size memory and
 # speed can be measured with random weights and no download.
@@ -62,6 +63,10 @@ class ModelSource:
     variant: str | None = None
     model_config: str | None = None  # single file only: diffusers folder / hub id describing its configs
 
+    def __post_init__(self):
+        if self.model == DEMO_MODEL:  # the one place `demo` becomes the shipped model's folder
+            self.model = str(DEMO_MODEL_DIR)
+
     @property
     def kind(self) -> str:
         if self.model == RANDOM_SDXL:
@@ -80,6 +85,9 @@ class ModelSource:
         """Refuse, before anything loads, a model path that is not there (see `kind`) or is no model (a folder
         without model_index.json or unet/, a file that is no .safetensors / .ckpt checkpoint), a --variant a
         local folder does not have, and a --model-config path that is not there."""
+        if self.model == str(DEMO_MODEL_DIR) and not (DEMO_MODEL_DIR / "model_index.json").is_file():
+            raise UserError(f"--model demo: the demo model is not in {DEMO_MODEL_DIR} (this installation lacks its "
+                            "weights; bench/pretrain_demo_model.py makes them)")
         kind = self.kind  # raises for a path that is not there
         folder = Path(self.model)
         if kind == "folder" and not ((folder / "model_index.json").is_file() or (folder / "unet").is_dir()):
@@ -397,6 +405,9 @@ TINY_TEXT_1 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, 
 TINY_TEXT_2 = dict(hidden_size=64, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
                    projection_dim=32, hidden_act="gelu")
 TINY_TIME_EMBED_DIM = 8
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
 
 
 def tiny_unet_config() -> dict:
@@ -413,11 +424,13 @@ def tiny_unet_config() -> dict:
     )
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A character-level CLIP BPE vocabulary (plus a few merges), written as vocab.json/merges.txt."""
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
+    """A character-level CLIP BPE vocabulary (plus a few merges), written as vocab.json/merges.txt; with `words`,
+    more merges that make each of them a single token (a word-level vocabulary; characters for any other word)."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits + ".,!?'-:;()\"/&"
     merges = ["t h", "th e</w>", "a n", "an d</w>", "i n", "o n</w>", "e r", "r e"]
+    merges += _word_merges(words, merges)
     tokens = ["<|startoftext|>", "<|endoftext|>"]
     for c in chars:
         tokens += [c, c + "</w>"]
@@ -428,37 +441,74 @@ def write_tiny_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a tiny random-weight SDXL pipeline and save it with save_pretrained; returns the folder."""
+def _clip_bpe(word: str, ranks: dict) -> list[str]:
+    """The parts CLIPTokenizer's byte-pair merging turns `word` into, given merge ranks {(left, right): rank}."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if tuple(parts[i:i + 2]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def _word_merges(words: tuple[str, ...], merges: list[str]) -> list[str]:
+    """Merges, after `merges`, that leave every word of `words` one token: for a word still in several parts, merge
+    its first two, until every word is whole (a later merge can reopen an earlier word: look again until none is)."""
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    added = []
+    while any(len(_clip_bpe(w, ranks)) > 1 for w in words):
+        for w in words:
+            while len(parts := _clip_bpe(w, ranks)) > 1:
+                ranks[(parts[0], parts[1])] = len(ranks)
+                added.append(f"{parts[0]} {parts[1]}")
+    return added
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = (), text_configs: tuple[dict, dict] = (TINY_TEXT_1, TINY_TEXT_2),
+                       vae_config: dict = TINY_VAE, unet_config: dict | None = None):
+    """A small random-weight SDXL pipeline (StableDiffusionXLPipeline): the tiny model's sizes unless given; `words`
+    become single tokens of both tokenizers (write_tiny_tokenizer)."""
+    import tempfile
+
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    folder = Path(folder)
-    tok_dir = folder / "_tokenizer_src"
-    write_tiny_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    tokenizer_2 = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                                pad_token="!")
-    vocab_size = len(tokenizer)
-    text_kw = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_tiny_tokenizer(Path(tok_dir), words)
+        files = (str(Path(tok_dir) / "vocab.json"), str(Path(tok_dir) / "merges.txt"))
+        tokenizer = CLIPTokenizer(*files, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(*files, model_max_length=77, pad_token="!")
+    text_kw = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_1, **text_kw))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_2, **text_kw))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025,
-    )
-    unet = UNet2DConditionModel(**tiny_unet_config())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_configs[0], **text_kw))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_configs[1], **text_kw))
+    vae = AutoencoderKL(**vae_config)
+    unet = UNet2DConditionModel(**(unet_config or tiny_unet_config()))
     scheduler = EulerDiscreteScheduler(**{k: v for k, v in SDXL_SCHEDULER_CONFIG.items()
                                           if k not in ("clip_sample", "sample_max_value", "set_alpha_to_one")})
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def save_pipeline(pipe, folder: str | os.PathLike) -> Path:
+    """pipe.save_pretrained(folder), its weight files given the default mode (safetensors writes 0600)."""
+    folder = Path(folder)
     pipe.save_pretrained(folder)
-    for f in folder.rglob("*.safetensors"):  # safetensors writes 0600: give them the default mode, as any file
+    for f in folder.rglob("*.safetensors"):
         os.chmod(f, default_mode())
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
     return folder
+
+
+def build_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny random-weight SDXL pipeline and save it with save_pretrained; returns the folder."""
+    return save_pipeline(tiny_sdxl_pipeline(seed), folder)
