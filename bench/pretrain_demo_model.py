@@ -246,7 +246,7 @@ def save_model(pipe, ema, out: Path, archive: Path | None, card: str) -> None:
 
 def render_grid(folder: Path, resolution: int, device: torch.device, seeds=(0, 1, 2)):
     """Captions x seeds from the saved model, through the project's sampling pipeline loader."""
-    from stages.sample import labelled_grid, load_pipeline
+    from stages.sample import decode, labelled_grid, load_pipeline
     from stages.sdxl import ModelSource
 
     pipe = load_pipeline(ModelSource(str(folder)), device)
@@ -254,8 +254,9 @@ def render_grid(folder: Path, resolution: int, device: torch.device, seeds=(0, 1
     prompts.append(f"{HELD_OUT[0].caption} {STYLE_TRIGGER}")
     rows = []
     for seed in seeds:
-        images = [pipe(p, num_inference_steps=25, guidance_scale=5.0, height=resolution, width=resolution,
-                       generator=torch.Generator(device).manual_seed(seed)).images[0] for p in prompts]
+        images = [decode(pipe, pipe(p, num_inference_steps=25, guidance_scale=5.0, height=resolution, width=resolution,
+                                    generator=torch.Generator(device).manual_seed(seed), output_type="latent").images)[0]
+                  for p in prompts]  # the FP32 VAE decodes (the pipeline's own decode wants the UNet's dtype)
         rows.append((f"seed {seed}", images))
     return labelled_grid(rows, prompts)
 
