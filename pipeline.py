@@ -317,6 +317,7 @@ def info(cache, verify):
 @from_config(TrainConfig, "device")
 @from_config(TrainConfig, "num_workers")
 @from_config(TrainConfig, "overwrite")
+@from_config(TrainConfig, "sweep", multiple=True)
 @run_stage
 def train(**kwargs):
     """Stage 2: train a UNet LoRA from the cache (loads the UNet only)."""

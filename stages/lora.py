@@ -12,6 +12,8 @@ README's snippet) loads them through peft.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,25 +56,67 @@ def adapter_metadata(config) -> dict:
 
 
 def attach_lora(unet, rank: int, alpha: float, target_modules: list[str], lora_type: str = "lora",
-                rank_pattern: dict[str, int] | None = None):
-    """Freeze the UNet, add the adapter, keep its parameters in fp32; returns them."""
+                rank_pattern: dict[str, int] | None = None, adapter: str = "default"):
+    """Freeze the UNet, add the adapter named `adapter` (beside those already attached), keep its parameters in
+    fp32; returns its parameters. It is left the only active adapter (a sweep's: `MixedBatch`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import get_pattern_key
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, alpha, target_modules, lora_type, rank_pattern))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
+    if not getattr(unet, "peft_config", None):
+        unet.requires_grad_(False)
+    with warnings.catch_warnings():  # a sweep's further adapters: peft warns that the UNet holds several, as meant
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(lora_config(rank, alpha, target_modules, lora_type, rank_pattern), adapter_name=adapter)
+    named = adapter_parameters(unet, adapter)
+    if not named:
         raise ValueError(f"no module of the UNet matches --target-modules {','.join(target_modules)}")
-    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer) and adapter in m.active_adapters]
     for key in rank_pattern or {}:  # peft ignores a pattern that matches nothing: a typo would go unnoticed
         if not any(get_pattern_key([key], name) == key for name in adapted):
             raise ValueError(f"--rank-pattern {key}: matches no module of --target-modules {','.join(target_modules)}")
-    for p in params:
+    for _, p in named:
         p.data = p.data.float()
-    return params
+    return [p for _, p in named]
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def adapter_parameters(unet, adapter: str = "default") -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the adapter's trainable tensors, in module order."""
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad and f".{adapter}." in n]
+
+
+class MixedBatch:
+    """A sweep's adapters trained side by side: every adapter active and trainable, and each row of a batch routed
+    through one of them (peft's mixed-batch LoRA forward, `adapter_names`), set per micro-batch with `route`. The
+    routing stays until the next `route`, so gradient checkpointing's recomputation in backward routes alike."""
+
+    def __init__(self, unet, adapters: list[str]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.unet, self.adapters, self.rows = unet, list(adapters), None
+        unet.set_adapter(self.adapters)
+        self.hooks = [m.register_forward_pre_hook(self._inject, with_kwargs=True)
+                      for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _inject(self, module, args, kwargs):
+        if self.rows is not None:
+            kwargs["adapter_names"] = self.rows
+        return args, kwargs
+
+    def route(self, adapters: list[str], rows_each: int) -> None:
+        """Rows [k·rows_each, (k+1)·rows_each) of the next forwards go through adapters[k]."""
+        self.rows = [name for name in adapters for _ in range(rows_each)]
+
+    @contextlib.contextmanager
+    def only(self, adapter: str):
+        """Inside the block an ordinary forward is `adapter`'s alone (validation images)."""
+        rows, self.rows = self.rows, None
+        self.unet.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            self.unet.set_adapter(self.adapters)
+            self.rows = rows
+
+
+def lora_state_dict(unet, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's key names (`…lora_A.weight`, `…lora_B.weight`), without `unet.`.
 
     All keys in one style on purpose: diffusers converts old-style keys (`lora.down/up`) only when the
@@ -80,7 +124,7 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     produces for targets beyond attention) would silently lose weights on load.
     """
     from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(unet, adapter_name=adapter)
 
 
 def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata: dict,
@@ -96,20 +140,22 @@ def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata
     return folder / name
 
 
-def save_lora(unet, folder: str | Path, dtype: torch.dtype = torch.float32, name: str = LORA_WEIGHTS_NAME) -> Path:
-    """Write the UNet's adapter, its tensors as `dtype`, as `name` (with alpha metadata) into `folder`."""
-    return write_lora_file(folder, {k: v.detach().to(dtype).cpu() for k, v in lora_state_dict(unet).items()},
-                           adapter_metadata(unet.peft_config["default"]), name)
+def save_lora(unet, folder: str | Path, dtype: torch.dtype = torch.float32, name: str = LORA_WEIGHTS_NAME,
+              adapter: str = "default") -> Path:
+    """Write the UNet's adapter `adapter`, its tensors as `dtype`, as `name` (with alpha metadata) into `folder`:
+    the file of a single run, whatever the adapter's name in this UNet."""
+    return write_lora_file(folder, {k: v.detach().to(dtype).cpu() for k, v in lora_state_dict(unet, adapter).items()},
+                           adapter_metadata(unet.peft_config[adapter]), name)
 
 
-def load_lora_weights_into(unet, folder: str | Path) -> None:
+def load_lora_weights_into(unet, folder: str | Path, adapter: str = "default") -> None:
     """Load a saved LoRA file back into the (already attached) peft adapter, exactly (resume)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     state = load_file(str(Path(folder) / LORA_WEIGHTS_NAME))
     state = {k.removeprefix("unet."): v for k, v in state.items()}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"LoRA file in {folder} does not fit this adapter: {result.unexpected_keys[:3]}")
 
