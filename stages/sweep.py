@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 
 from cache.files import write_json_atomic
@@ -26,7 +27,7 @@ from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME
 from stages.outputs import save_final_lora, save_training_checkpoint
 from stages.paths import check_output_folder
-from stages.report import plot_losses, plural, write_model_card
+from stages.report import MetricsLogger, plot_losses, plural, write_model_card
 
 SWEEP_NAME = "sweep.json"
 
@@ -50,7 +51,13 @@ class Member:
             checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.start_step)
         return self.start_step
 
-    def record(self, step: int, result: dict, row: dict, metrics, tracker, validator, resolution: int, main: bool) -> None:
+    def open_logs(self, files: contextlib.ExitStack, main: bool) -> None:
+        """metrics.jsonl (appended to: a resume truncated it at its checkpoint) and the tracker, on rank 0."""
+        self.metrics = files.enter_context(open(self.out / "metrics.jsonl" if main else os.devnull, "a"))
+        self.tracker = files.enter_context(MetricsLogger(self.cfg.report_to if main else "none", self.out,
+                                                         self.start_step))
+
+    def record(self, step: int, result: dict, row: dict, validator, resolution: int, main: bool) -> None:
         """Step `step`'s metrics row (validation images at --validate-every), its counters, its checkpoint."""
         cfg, counters = self.cfg, self.counters
         counters["skipped_steps"] += result["skipped"]
@@ -62,9 +69,9 @@ class Member:
             mixed = self.model.mixed
             with self.model.final_weights(), mixed.only(self.model.adapter) if mixed else contextlib.nullcontext():
                 row.update(validator(self.model.unet, self.model.noise_scheduler, step + 1, self.out, resolution))
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        tracker.log(step + 1, row)
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        self.tracker.log(step + 1, row)
         if math.isfinite(result["loss"]):
             self.losses.append(result["loss"])
         if counters["bad_in_a_row"] >= cfg.max_bad_steps:
@@ -147,7 +154,13 @@ def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]
     return claimed
 
 
-def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict | None], log) -> dict:
+def check_not_all_stopped(members: list[Member]) -> None:
+    if all(m.stopped_at is not None for m in members):
+        raise UserError("stopped: every member of the sweep had too many non-finite steps in a row (see above); "
+                        "checkpoints are intact")
+
+
+def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict | None], main: bool, log) -> dict:
     """OUTPUT/sweep.json (each member's settings, final loss, or the step it stopped at; members stopped in an
     earlier run kept), OUTPUT/sweep.png, and the members ranked by final loss; returns the sweep's summary."""
     out, swept = Path(cfg.output), [name for group in sweep_values(cfg.sweep) for name, _ in group]
@@ -155,6 +168,8 @@ def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict |
              **({"final_loss": s["final_loss"], "steps": s["steps"], "seconds": s["seconds"],
                  "skipped_steps": s["skipped_steps"]} if s else {"stopped_at": m.stopped_at})}
             for m, s in zip(members, summaries)]
+    if not main:
+        return {"output": str(out), "members": rows}
     earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {}
     names = {r["name"] for r in rows}
     rows += [r for r in earlier.get("members", []) if r["name"] not in names]  # stopped before this resume

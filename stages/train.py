@@ -1,4 +1,4 @@
-"""Stage 2: train a UNet LoRA from the cache. Loads the UNet only; never the VAE or text encoders.
+"""Stage 2: train a UNet LoRA, or a --sweep of them (stages/sweep.py), from the cache. Loads the UNet only.
 
     CacheReader -> cache/sampler.py's order (seed, position) -> micro-batches on the device
       -> training_step: per micro-batch the random draws (draw_inputs) and forward + backward
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,9 +31,9 @@ from stages.optim import EMA, FlatGroups, load_training_states, setup_optimizer,
 from stages.plan import fit_vram_budget, suggest_budget
 from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
-from stages.report import MetricsLogger, check_report_to
+from stages.report import check_report_to
 from stages.sample import Validator
-from stages.sweep import claim_outputs, finish_sweep
+from stages.sweep import check_not_all_stopped, claim_outputs, finish_sweep
 from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
 
 
@@ -66,14 +65,11 @@ def diffusion_losses(unet, noise_schedulers: list, xs: list[dict[str, torch.Tens
     noisy_latents = [s.add_noise(z, x["noise"], x["timesteps"]) for s, z, x in zip(noise_schedulers, latents, xs)]
     targets = [s.get_velocity(z, x["noise"], x["timesteps"]) if s.config.prediction_type == "v_prediction"
                else x["noise"] for s, z, x in zip(noise_schedulers, latents, xs)]
-
-    def batched(tensors: list) -> torch.Tensor:  # one adapter: its tensors as they are
-        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
     dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
-    added = {k: batched([x[key] for x in xs]).to(dtype) for k, key in (("text_embeds", "pooled_prompt_embeds"),
-                                                                     ("time_ids", "time_ids"))}
-    model_pred = unet(batched(noisy_latents), batched([x["timesteps"] for x in xs]),
-                      batched([x["prompt_embeds"] for x in xs]).to(dtype), added_cond_kwargs=added).sample
+    added = {k: torch.cat([x[key] for x in xs]).to(dtype) for k, key in (("text_embeds", "pooled_prompt_embeds"),
+                                                                       ("time_ids", "time_ids"))}
+    model_pred = unet(torch.cat(noisy_latents), torch.cat([x["timesteps"] for x in xs]),
+                      torch.cat([x["prompt_embeds"] for x in xs]).to(dtype), added_cond_kwargs=added).sample
     return [recipe.loss(pred, target, x.get("loss_weights"), x.get("huber_c"))  # MSE, or as --loss, weighted
             for pred, target, x, recipe in zip(model_pred.chunk(len(xs)), targets, xs, recipes)]
 
@@ -192,8 +188,7 @@ class Model:
 
 def _setup_unet(cfgs: list[TrainConfig], adapters: list[str], source: ModelSource, reader: CacheReader, device,
                 autocast_dtype, log):
-    """The frozen UNet (as --base-weights) with each config's adapter attached, each initialized as a single run's;
-    returns (unet, [[(name, LoRA param)] per adapter], base info)."""
+    """The frozen UNet (as --base-weights) with each config's adapter attached; returns (unet, [[(name, param)]], base)."""
     cfg = cfgs[0]
     log(f"loading the UNet from {source.model}")
     on_cpu = cfg.base_weights in QUANTIZED  # a quantized base reaches the GPU one quantized layer at a time
@@ -241,33 +236,28 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
     apply_compile(unet, cfg.compile, device)
     models = []
     for c, adapter, named, recipe in zip(cfgs, adapters, named_params, recipes):
-        noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), c.prediction_type, c.rescale_betas_zero_snr)
-        if c.rescale_betas_zero_snr and noise_scheduler.config.prediction_type == "epsilon":
-            log("note: with zero terminal SNR the last timestep's input is pure noise, so an epsilon target teaches "
-                "nothing there; Lin et al. pair --rescale-betas-zero-snr with --prediction-type v_prediction")
+        noise_scheduler = configure_noise_scheduler(load_noise_scheduler(source), c.prediction_type, c.rescale_betas_zero_snr, log)
         lr = c.lr * (world if c.scale_lr else 1)
         flat, optimizer, optimizer_name, lr_scheduler, ema = setup_optimizer(
             named, c.optimizer, lr, c.weight_decay, c.lr_scheduler, c.warmup_steps, c.max_steps, c.block_lr_dict,
             c.loraplus_lr_ratio, c.ema_decay, torch.device("cpu" if c.ema_device == "cpu" else device), device, log)
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-        trainable = sum(p.numel() for _, p in named)
         resolved = {"model": source.resolved().describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."),
                     **base, "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs,
-                    "trainable_parameters": trainable, "effective_batch": c.batch_size * c.grad_accum * world,
+                    "trainable_parameters": sum(p.numel() for _, p in named), "effective_batch": c.batch_size * c.grad_accum * world,
                     "device": str(device), "world_size": world, "global_batch_size": c.batch_size * world,
                     "learning_rate": lr, "prediction_type": noise_scheduler.config.prediction_type,
                     "lr_multipliers": flat.scales}
-        log(f"{LORA_TYPES[c.lora_type]} r{c.rank}/alpha{c.alpha:g} on {c.target_modules}: {trainable:,} trainable parameters; "
+        log(f"{LORA_TYPES[c.lora_type]} r{c.rank}/alpha{c.alpha:g} on {c.target_modules}: {resolved['trainable_parameters']:,} trainable parameters; "
             f"{resolved['mixed_precision']}, base {base['base_weights']} ({base['base_bytes_after'] / 2**30:.2f} GiB), "
             f"{optimizer_name}, {attention}{', CUDA graphs' if graphs else ''}, effective batch {resolved['effective_batch']}"
             + (f" (batch {c.batch_size} × grad-accum {c.grad_accum} × {world} processes), learning rate {lr:g}"
                + (" (--scale-lr)" if c.scale_lr else "") if world > 1 else ""))
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
         models.append(Model(unet, noise_scheduler, flat, optimizer, lr_scheduler, scaler, device, autocast_dtype, resolved,
                             source, recipe, loss_sum=torch.zeros((), device=device), ema=ema, adapter=adapter,
                             max_grad_norm=c.max_grad_norm, mixed=mixed))
     if graphs:  # one graph per input shape runs every adapter's forward + backward
-        by_name = {m.adapter: m for m in models}
-        shared = CudaGraphs(lambda xs: forward_backward(by_name, unet, xs, cfg.grad_accum),
+        shared = CudaGraphs(lambda xs: forward_backward({m.adapter: m for m in models}, unet, xs, cfg.grad_accum),
                             [t for m in models for t in (*(p.grad for p in m.flat.flat_params), m.loss_sum)], log)
         for m in models:
             m.graphs = shared
@@ -305,9 +295,10 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the process group, cuda:LOCAL_RANK
     main, world = distributed.is_main(), distributed.world_size()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
-    if cfg.vram_budget:
-        cfg = fit_vram_budget(cfg, device, max(res for res, _, _ in schedule), log)  # a copy with the plan's choice
-    elif device.type == "cuda" and (note := suggest_budget(cfg, device, max(res for res, _, _ in schedule))):
+    resolution = max(res for res, _, _ in schedule)
+    if cfg.vram_budget:  # a copy with the plan's choice, for a sweep's members together
+        cfg = fit_vram_budget(cfg, device, resolution, log, len(sweep_members(cfg)) if cfg.sweep else 1)
+    elif device.type == "cuda" and (note := suggest_budget(cfg, device, resolution)):
         log(note)
     members = claim_outputs(cfg, sweep_members(cfg) if cfg.sweep else [(None, cfg)], reader.manifest, world, held, log)
     if reader.manifest.bucketed:
@@ -317,7 +308,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
             "seen: expect short pauses, and more memory")
     torch.manual_seed(cfg.seed)  # LoRA initialization (every member of a sweep: as a single run)
     models = setup_models([m.cfg for m in members], reader, device, log, source)
-    layout = {"world_size": world, "global_batch_size": cfg.batch_size * world}
+    layout = {"world_size": world, "global_batch_size": cfg.batch_size * world}  # every member starts at one step:
     start_step = min(m.start(model, reader.manifest, layout, main) for m, model in zip(members, models))
     ddp = distributed.wrap(models[0].unet, device)  # None in a single process
     for model in models:
@@ -332,8 +323,8 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
     batches = train_batches(reader, cfg, start_step, device, distributed.rank(), world)
     with contextlib.ExitStack() as files:
-        logs = [(files.enter_context(open(m.out / "metrics.jsonl" if main else os.devnull, "a")),
-                 files.enter_context(MetricsLogger(cfg.report_to if main else "none", m.out, start_step))) for m in members]
+        for m in members:
+            m.open_logs(files, main)
         for step, micro in batches:
             active = [i for i, m in enumerate(members) if m.stopped_at is None]
             results = training_step([members[i].model for i in active], micro, step, cfg)
@@ -345,17 +336,15 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
                 peak_gib = max(peak_gib or 0.0, row["peak_gib"])
             for i, result in zip(active, results):
-                members[i].record(step, result, row, *logs[i], validator, stage_resolution(schedule, step), main)
+                members[i].record(step, result, row, validator, stage_resolution(schedule, step), main)
             last = now
             bar.set_postfix(loss=f"{results[0]['loss']:.4f}", img_s=f"{row['images_per_s']:.2f}")
             bar.update(1)
-            if all(m.stopped_at is not None for m in members):
-                raise UserError("stopped: every member of the sweep had too many non-finite steps in a row (see above); "
-                                "checkpoints are intact")
+            check_not_all_stopped(members)
             kill_point("step", step + 1)
     bar.close()
-    seconds = round(time.time() - started, 2)
-    summaries = [m.finish(reader.manifest, seconds, peak_gib, main) if m.stopped_at is None else None for m in members]
-    summary = finish_sweep(cfg, members, summaries, log) if cfg.sweep and main else summaries[0]
+    summaries = [m.finish(reader.manifest, round(time.time() - started, 2), peak_gib, main) if m.stopped_at is None
+                 else None for m in members]
+    summary = finish_sweep(cfg, members, summaries, main, log) if cfg.sweep else summaries[0]
     distributed.barrier()  # every process returns once rank 0 has written the outputs
     return summary
