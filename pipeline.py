@@ -345,6 +345,8 @@ def train(**kwargs):
 @from_config(BenchConfig, "compile")
 @from_config(BenchConfig, "steps")
 @from_config(BenchConfig, "warmup")
+@from_config(BenchConfig, "sweep")
+@from_config(BenchConfig, "sweep_ranks")
 @from_config(BenchConfig, "baseline")
 @from_config(BenchConfig, "vram_budget")
 @from_config(BenchConfig, "device")

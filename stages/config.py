@@ -419,7 +419,7 @@ def member_name(values: list[tuple[str, str]]) -> str:
 def sweep_members(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(folder name, config) of every member of --sweep's cross product, in order; each config is the one a single
     `train --output OUTPUT/<name>` with those values would run (checked as such). The members share one batched
-    forward through peft's mixed-batch LoRA layers, which lora and dora have (loha and lokr do not)."""
+    forward whose rows stages/lora.py MixedBatch routes through plain LoRA layers (not dora, loha, lokr)."""
     groups = [[[(name, *values[i]) for name, values in group] for i in range(len(group[0][1]))]
               for group in sweep_values(cfg.sweep)]  # per --sweep: its members' [(name, text, value), ...]
     members, names = [], set()
@@ -432,10 +432,10 @@ def sweep_members(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
         names.add(name)
         members.append((name, dataclasses.replace(cfg, sweep=(), output=os.path.join(cfg.output, name),
                                                   **{n: value for n, _, value in combo})))
-    mixed = sorted({c.lora_type for _, c in members} - {"lora", "dora"})
-    if len(members) > 1 and mixed:
-        raise UserError(f"--sweep: --lora-type {mixed[0]} cannot share a batched forward with other adapters (peft's "
-                        "mixed-batch layers are lora and dora only): sweep lora or dora, or train it alone")
+    other = sorted({c.lora_type for _, c in members} - {"lora"})
+    if len(members) > 1 and other:
+        raise UserError(f"--sweep: --lora-type {other[0]} cannot share a batched forward with other adapters (a sweep "
+                        "routes each replica through plain LoRA layers): sweep --lora-type lora, or train it alone")
     return members
 
 
@@ -466,6 +466,8 @@ class BenchConfig:
     compile: str = same_as_train("compile")
     steps: int = opt(10, "Timed optimizer steps.", check="positive")
     warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
+    sweep: int = opt(1, "Also run a `train --sweep` of this many learning rates (the optimizer's default, halved member by member) beside the single run: total adapter-images/s and peak memory of both.", check="positive")
+    sweep_ranks: str | None = opt(None, "With --sweep: also sweep these ranks, e.g. 4,8,16,32 (the cross product with the learning rates).")
     baseline: bool = opt(False, "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio.")
     vram_budget: str | None = opt(None, "Cap this process's GPU memory, e.g. 16GiB, to prove a fit on a smaller card.")
     device: str = same_as_train("device")

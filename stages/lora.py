@@ -84,36 +84,46 @@ def adapter_parameters(unet, adapter: str = "default") -> list[tuple[str, torch.
 
 
 class MixedBatch:
-    """A sweep's adapters trained side by side: every adapter active and trainable, and each row of a batch routed
-    through one of them (peft's mixed-batch LoRA forward, `adapter_names`), set per micro-batch with `route`. The
-    routing stays until the next `route`, so gradient checkpointing's recomputation in backward routes alike."""
+    """A sweep's adapters trained side by side in one forward: each micro-batch holds one replica per adapter (equal,
+    contiguous blocks of rows), and replica k goes through adapter k only. peft's own mixed-batch forward
+    (`adapter_names`) picks rows with Python index lists, a host-to-device copy that a CUDA graph cannot capture;
+    here each peft LoRA layer runs its base layer alone (no adapter active) and a forward hook adds every adapter's
+    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling. Plain LoRA
+    only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
+    recomputation in backward routes alike."""
 
-    def __init__(self, unet, adapters: list[str]):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self.unet, self.adapters, self.rows = unet, list(adapters), None
-        unet.set_adapter(self.adapters)
-        self.hooks = [m.register_forward_pre_hook(self._inject, with_kwargs=True)
-                      for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    def __init__(self, unet, adapters: list[str], params: list[torch.nn.Parameter]):
+        from peft.tuners.lora import LoraLayer
+        self.blocks = list(adapters)
+        layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        for m in layers:
+            m.set_adapter([])  # peft's forward: the base layer alone (this also stops the adapters' gradients)
+        for p in params:
+            p.requires_grad_(True)
+        self.hooks = [m.register_forward_hook(self._add) for m in layers]
 
-    def _inject(self, module, args, kwargs):
-        if self.rows is not None:
-            kwargs["adapter_names"] = self.rows
-        return args, kwargs
+    def _add(self, layer, args, output):
+        rows = output.shape[0] // len(self.blocks)
+        for k, adapter in enumerate(self.blocks):
+            if adapter in layer.lora_A:  # another adapter's --target-modules may leave this layer out
+                lora_A, block = layer.lora_A[adapter], slice(k * rows, (k + 1) * rows)
+                x = layer._cast_input_dtype(args[0][block], lora_A.weight.dtype)
+                term = layer.lora_B[adapter](lora_A(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+                output[block] += term.to(output.dtype)
+        return output
 
-    def route(self, adapters: list[str], rows_each: int) -> None:
-        """Rows [k·rows_each, (k+1)·rows_each) of the next forwards go through adapters[k]."""
-        self.rows = [name for name in adapters for _ in range(rows_each)]
+    def route(self, adapters: list[str]) -> None:
+        """The rows of the next forwards: block k (of len(adapters) equal blocks) through adapters[k]."""
+        self.blocks = list(adapters)
 
     @contextlib.contextmanager
     def only(self, adapter: str):
-        """Inside the block an ordinary forward is `adapter`'s alone (validation images)."""
-        rows, self.rows = self.rows, None
-        self.unet.set_adapter(adapter)
+        """Inside the block every row goes through `adapter` (validation images)."""
+        blocks, self.blocks = self.blocks, [adapter]
         try:
             yield
         finally:
-            self.unet.set_adapter(self.adapters)
-            self.rows = rows
+            self.blocks = blocks
 
 
 def lora_state_dict(unet, adapter: str = "default") -> dict[str, torch.Tensor]:

@@ -93,7 +93,7 @@ def forward_backward(models: dict[str, "Model"], net, xs: dict[str, dict], accum
     members = [models[name] for name in xs]
     first = members[0]
     if first.mixed is not None:  # a sweep: replica k of the micro-batch through adapter k
-        first.mixed.route(list(xs), len(next(iter(xs.values()))["timesteps"]))
+        first.mixed.route(list(xs))
     with torch.autocast(first.device.type, dtype=first.autocast_dtype, enabled=first.autocast_dtype is not None,
                         cache_enabled=False):  # no cast cache: it would not survive a CUDA-graph replay
         losses = diffusion_losses(net, [m.noise_scheduler for m in members], list(xs.values()), [m.recipe for m in members])
@@ -231,7 +231,7 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
     graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log)
     adapters = ["default"] if len(cfgs) == 1 else [f"member{k}" for k in range(len(cfgs))]
     unet, named_params, base = _setup_unet(cfgs, adapters, source, reader, device, autocast_dtype, log)
-    mixed = MixedBatch(unet, adapters) if len(cfgs) > 1 else None
+    mixed = MixedBatch(unet, adapters, [p for named in named_params for _, p in named]) if len(cfgs) > 1 else None
     attention = enable_attention(unet, cfg.attention, device, log)
     apply_compile(unet, cfg.compile, device)
     models = []

@@ -109,7 +109,7 @@ def test_what_cannot_be_swept_is_one_line_that_lists_what_can(cli, fp32_cache, t
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert "--sweep batch_size: not sweepable" in lines[0] and "learning_rate, rank, alpha" in lines[0]
-    with pytest.raises(UserError, match="loha cannot share a batched forward"):
+    with pytest.raises(UserError, match="lora-type loha cannot share a batched forward"):
         sweep_members(config(fp32_cache, tmp_path, sweep=("lora_type=lora,loha",)))
 
 
