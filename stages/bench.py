@@ -17,7 +17,7 @@ from cache import CacheReader
 from cache.format import Manifest, fingerprint
 from cache.writer import CacheWriter, write_validation
 from stages.config import (DEFAULT_LEARNING_RATES, RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions,
-                           resolve_target_modules, sweep_members)
+                           resolve_target_modules, sweep_members, sweep_values)
 from stages.device import (apply_compile, cap_gpu_memory, check_device_options, resolve_device, resolve_precision,
                            synchronize, use_cuda_graphs)
 from stages.errors import UserError
@@ -218,6 +218,7 @@ def check_bench(cfg: BenchConfig, device: torch.device) -> None:
     memory and minutes per step on a CPU), a model path that is not there, precision / base weights / CUDA graphs
     / --compile this device lacks, --target-modules the UNet does not have, a --resolution no multiple of 8."""
     parse_resolutions(cfg.resolution)
+    sweep_values(bench_sweep(cfg))  # --sweep-ranks: whole numbers, distinct
     check_device_options("auto", cfg.compile, device)
     resolve_precision(cfg.mixed_precision, device)
     check_base_weights(cfg.base_weights, device, "lora")

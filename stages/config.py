@@ -305,7 +305,7 @@ class TrainConfig:
     device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
     num_workers: int = opt(2, "Data-loading processes (0: in the main process).", check="non_negative")
     overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output: its outputs are removed first.")
-    sweep: tuple[str, ...] = opt((), "Train several LoRAs in one pass over the cache, sharing the frozen UNet: setting=value,value,... (repeatable; the cross product is trained), e.g. learning_rate=1e-4,5e-5; values of target_modules and rank_pattern are separated by ';'. Each member writes OUTPUT/<setting=value,...>/ as a single run would (see README: Sweeps).")
+    sweep: tuple[str, ...] = opt((), "Train several LoRAs in one pass over the cache, sharing the frozen UNet: setting=value,value,..., e.g. learning_rate=1e-4,5e-5 (repeatable: each --sweep multiplies the members; space-separated settings in one --sweep vary together); values of target_modules, rank_pattern and block_lr are separated by ';'. Each member writes OUTPUT/<setting=value,...>/ as a single run would (see README: Sweeps).")
 
     def __post_init__(self):
         check_fields(self)
@@ -365,7 +365,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------- sweeps
 # What a sweep may vary: the adapter, its optimizer and its loss. The sample stream, the step count and the frozen
 # base are shared by every member (batch, grad-accum, steps, resolution schedule, seed, cache, precision, ...).
-SWEEPABLE = ("learning_rate", "rank", "alpha", "rank_pattern", "target_modules", "lora_type", "weight_decay",
+SWEEPABLE = ("learning_rate", "rank", "alpha", "rank_pattern", "target_modules", "weight_decay",
              "max_grad_norm", "lr_scheduler", "warmup_steps", "noise_offset", "min_snr_gamma", "caption_dropout",
              "prediction_type", "timestep_sampling", "loss", "huber_c", "huber_schedule", "debiased_estimation",
              "optimizer", "loraplus_lr_ratio", "block_lr", "ema_decay")
