@@ -13,6 +13,7 @@ README's snippet) loads them through peft.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def attach_lora(unet, rank: int, alpha: float, target_modules: list[str], lora_t
 
 def adapter_parameters(unet, adapter: str = "default") -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of the adapter's trainable tensors, in module order."""
-    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad and f".{adapter}." in n]
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad and re.search(rf"\.{adapter}(\.|$)", n)]
 
 
 class MixedBatch:

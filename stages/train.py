@@ -57,6 +57,10 @@ def draw_inputs(batch: dict, num_timesteps: int, generator: torch.Generator, rec
             **{k: (v.pin_memory() if pin else v).to(mean.device, non_blocking=True) for k, v in draws.items()}}
 
 
+def batched(tensors: list[torch.Tensor]) -> torch.Tensor:  # a sweep's replicas along the batch; one run's: no copy
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def diffusion_losses(unet, noise_schedulers: list, xs: list[dict[str, torch.Tensor]], recipes: list[Recipe]) -> list:
     """The diffusion loss of one micro-batch per adapter from each one's draw_inputs tensors, in one forward: a
     sweep's replicas are concatenated along the batch (stages/lora.py MixedBatch routes each to its adapter).
@@ -66,10 +70,10 @@ def diffusion_losses(unet, noise_schedulers: list, xs: list[dict[str, torch.Tens
     targets = [s.get_velocity(z, x["noise"], x["timesteps"]) if s.config.prediction_type == "v_prediction"
                else x["noise"] for s, z, x in zip(noise_schedulers, latents, xs)]
     dtype = unet.dtype  # the frozen base's: cached fp16/bf16 conditioning is cast to it
-    added = {k: torch.cat([x[key] for x in xs]).to(dtype) for k, key in (("text_embeds", "pooled_prompt_embeds"),
-                                                                       ("time_ids", "time_ids"))}
-    model_pred = unet(torch.cat(noisy_latents), torch.cat([x["timesteps"] for x in xs]),
-                      torch.cat([x["prompt_embeds"] for x in xs]).to(dtype), added_cond_kwargs=added).sample
+    added = {k: batched([x[key] for x in xs]).to(dtype) for k, key in (("text_embeds", "pooled_prompt_embeds"),
+                                                                     ("time_ids", "time_ids"))}
+    model_pred = unet(batched(noisy_latents), batched([x["timesteps"] for x in xs]),
+                      batched([x["prompt_embeds"] for x in xs]).to(dtype), added_cond_kwargs=added).sample
     return [recipe.loss(pred, target, x.get("loss_weights"), x.get("huber_c"))  # MSE, or as --loss, weighted
             for pred, target, x, recipe in zip(model_pred.chunk(len(xs)), targets, xs, recipes)]
 
@@ -186,8 +190,7 @@ class Model:
         checkpoint.set_hyperparameters(self.optimizer, self.lr_scheduler, this_run, weight_decay)
 
 
-def _setup_unet(cfgs: list[TrainConfig], adapters: list[str], source: ModelSource, reader: CacheReader, device,
-                autocast_dtype, log):
+def _setup_unet(cfgs: list[TrainConfig], adapters: list[str], source: ModelSource, reader: CacheReader, device, autocast_dtype, log):
     """The frozen UNet (as --base-weights) with each config's adapter attached; returns (unet, [[(name, param)]], base)."""
     cfg = cfgs[0]
     log(f"loading the UNet from {source.model}")
@@ -209,13 +212,11 @@ def _setup_unet(cfgs: list[TrainConfig], adapters: list[str], source: ModelSourc
     return unet, named, base
 
 
-def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log,
-                source: ModelSource | None = None) -> Model:
+def setup_model(cfg: TrainConfig, reader: CacheReader, device: torch.device, log, source: ModelSource | None = None) -> Model:
     return setup_models([cfg], reader, device, log, source)[0]
 
 
-def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.device, log,
-                 source: ModelSource | None = None) -> list[Model]:
+def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.device, log, source: ModelSource | None = None) -> list[Model]:
     """One Model per config around one frozen UNet: a single run's, or a sweep's members (configs that differ only in
     stages/config.py's SWEEPABLE settings), each with its own adapter, recipe, optimizer and schedule."""
     cfg, world = cfgs[0], distributed.world_size()
@@ -265,8 +266,7 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
 
 
 # ------------------------------------------------------------------------------------------ train
-def train_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device, rank: int = 0,
-                  world: int = 1):
+def train_batches(reader: CacheReader, cfg: TrainConfig, first_step: int, device: torch.device, rank: int = 0, world: int = 1):
     """(optimizer step, [micro-batches on device]) from `first_step` to --max-steps, through the resolution schedule."""
     schedule = resolution_stages(cfg.resolution_schedule, reader.manifest.resolutions, cfg.max_steps, cfg.cache)
     return micro_batches(reader, schedule, cfg.seed, cfg.batch_size, cfg.grad_accum, first_step, device, rank, world,

@@ -113,7 +113,7 @@ def test_what_cannot_be_swept_is_one_line_that_lists_what_can(cli, fp32_cache, t
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert "--sweep batch_size: not sweepable" in lines[0] and "learning_rate, rank, alpha" in lines[0]
     with pytest.raises(UserError, match="lora-type loha cannot share a batched forward"):
-        sweep_members(config(fp32_cache, tmp_path, sweep=("lora_type=lora,loha",)))
+        sweep_members(config(fp32_cache, tmp_path, lora_type="loha", sweep=("learning_rate=1e-3,1e-4",)))
 
 
 def test_member_folder_names_are_file_system_safe(tmp_path):
