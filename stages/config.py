@@ -398,9 +398,9 @@ def sweep_values(specs: tuple[str, ...]) -> list[list[tuple[str, list[tuple[str,
                 raise UserError(f"--sweep {key.strip()}: not sweepable (members share the sample stream, the step count "
                                 f"and the frozen UNet); sweepable: {', '.join(SWEEPABLE)}")
             texts = [v.strip() for v in values.split(";" if name in LIST_VALUED else ",") if v.strip()]
-            if not texts or name in seen or len(set(texts)) < len(texts):
-                raise UserError(f"--sweep {setting!r}: expected {name}=value,value,... with distinct values, once per "
-                                "setting" + (" (values separated by ';')" if name in LIST_VALUED else ""))
+            if not texts or name in seen:
+                raise UserError(f"--sweep {setting!r}: expected {name}=value,value,..., each setting once"
+                                + (" (values separated by ';')" if name in LIST_VALUED else ""))
             seen.add(name)
             group.append((name, [(text, _sweep_value(name, text)) for text in texts]))
         if not group or len({len(values) for _, values in group}) > 1:

@@ -89,8 +89,8 @@ class MixedBatch:
     contiguous blocks of rows), and replica k goes through adapter k only. peft's own mixed-batch forward
     (`adapter_names`) picks rows with Python index lists, a host-to-device copy that a CUDA graph cannot capture;
     here each peft LoRA layer runs its base layer alone (no adapter active) and a forward hook adds every adapter's
-    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling. Plain LoRA
-    only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
+    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling (adapters of
+    one rank and scaling: as one pair of batched matmuls). Plain LoRA only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
     recomputation in backward routes alike."""
 
     def __init__(self, unet, adapters: list[str], params: list[torch.nn.Parameter]):
@@ -104,14 +104,30 @@ class MixedBatch:
         self.hooks = [m.register_forward_hook(self._add) for m in layers]
 
     def _add(self, layer, args, output):
-        rows = output.shape[0] // len(self.blocks)
-        for k, adapter in enumerate(self.blocks):
+        blocks, x = self.blocks, args[0]
+        if self._stackable(layer):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
+            A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
+            B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
+            xk = layer._cast_input_dtype(x, A.dtype).reshape(len(blocks), -1, x.shape[-1])
+            term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * layer.scaling[blocks[0]]
+            output += term.reshape(output.shape).to(output.dtype)
+            return output
+        rows = output.shape[0] // len(blocks)
+        for k, adapter in enumerate(blocks):
             if adapter in layer.lora_A:  # another adapter's --target-modules may leave this layer out
                 lora_A, block = layer.lora_A[adapter], slice(k * rows, (k + 1) * rows)
-                x = layer._cast_input_dtype(args[0][block], lora_A.weight.dtype)
-                term = layer.lora_B[adapter](lora_A(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
-                output[block] += term.to(output.dtype)
+                h = lora_A(layer.lora_dropout[adapter](layer._cast_input_dtype(x[block], lora_A.weight.dtype)))
+                output[block] += (layer.lora_B[adapter](h) * layer.scaling[adapter]).to(output.dtype)
         return output
+
+    def _stackable(self, layer) -> bool:
+        """Every block's adapter on this Linear layer, of one rank and one scaling, without dropout (the common sweep
+        of learning rates, optimizers, losses): their terms are one pair of batched matmuls instead of K pairs."""
+        blocks = self.blocks
+        return (len(blocks) > 1 and all(a in layer.lora_A for a in blocks)
+                and all(isinstance(layer.lora_A[a], torch.nn.Linear) for a in blocks)
+                and len({(layer.r[a], layer.scaling[a]) for a in blocks}) == 1
+                and all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in blocks))
 
     def route(self, adapters: list[str]) -> None:
         """The rows of the next forwards: block k (of len(adapters) equal blocks) through adapters[k]."""
