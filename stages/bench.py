@@ -3,6 +3,7 @@ time to the first step, MFU), optionally beside the all-FP32 encode-every-step b
 cache shaped like SDXL's, for measuring `train` without a dataset."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -143,7 +144,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
                 profiler.__enter__()
                 profile_started = time.perf_counter()
             if flops is None:  # counted eagerly, before compiling: a counting pass would make compiled blocks recompile
-                flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
+                with model.mixed.only(model.adapter) if model.mixed else contextlib.nullcontext():  # one adapter's
+                    flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
                 apply_compile(model.unet, "none" if baseline else cfg.compile, device)
             synchronize(device)
             t0 = time.perf_counter()

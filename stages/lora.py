@@ -105,6 +105,9 @@ class MixedBatch:
 
     def _add(self, layer, args, output):
         blocks, x = self.blocks, args[0]
+        if output.shape[0] % len(blocks):
+            raise RuntimeError(f"a batch of {output.shape[0]} rows is no set of {len(blocks)} replicas: route() it, or "
+                               "forward inside only(adapter)")
         if self._stackable(layer):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
             A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
             B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
