@@ -125,3 +125,22 @@ def test_member_folder_names_are_file_system_safe(tmp_path):
     names = [n for n, _ in members]
     assert names == ["rank_pattern=to_k=8,target_modules=to_q_x", "rank_pattern=mid_block._=2,target_modules=to_q_x"]
     assert all(Path(c.output).parent == tmp_path for _, c in members)
+
+
+def test_validation_renders_each_members_own_images(tmp_path, tiny_model, image_folder):
+    import numpy as np
+    from PIL import Image
+
+    from stages.encode import encode
+    from tests.conftest import encode_config
+    cache = tmp_path / "cache"
+    encode(encode_config(tiny_model, image_folder, cache, validation_prompt=("a red circle",)), **QUIET)
+    options = dict(max_steps=2, checkpoint_every=0, validate_every=2, validation_steps=2)
+    train(config(cache, tmp_path / "runs", sweep=("learning_rate=1e-2,1e-4",), **options), **QUIET)
+    train(config(cache, tmp_path / "single", learning_rate=1e-2, **options), **QUIET)
+
+    def image(folder):
+        return np.asarray(Image.open(folder / "samples" / "step-00002.png"), dtype=np.int16)
+    fast, slow = image(tmp_path / "runs" / "learning_rate=1e-2"), image(tmp_path / "runs" / "learning_rate=1e-4")
+    assert np.abs(fast - image(tmp_path / "single")).max() <= 2  # its own adapter alone, as the single run renders
+    assert np.abs(fast - slow).max() > 2
