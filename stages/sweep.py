@@ -36,9 +36,9 @@ class Member:
     """One adapter's run and its folder: checkpoints, train_config.json, metrics.jsonl (+ tracker), the final LoRA,
     model card and loss.png. In a sweep (`name` set) too many non-finite steps stop this member alone."""
 
-    def __init__(self, name: str | None, cfg: TrainConfig, resume: checkpoint.Resume | None, log):
+    def __init__(self, name: str | None, cfg: TrainConfig, resume: checkpoint.Resume | None, log, on_stop=None):
         self.name, self.cfg, self.out, self.resume, self.log = name, cfg, Path(cfg.output), resume, log
-        self.losses, self.stopped_at, self.model = [], None, None
+        self.losses, self.stopped_at, self.model, self.on_stop = [], None, None, on_stop
 
     def start(self, model, manifest, layout: dict, main: bool) -> int:
         """The resumed checkpoint loaded into `model`, train_config.json written; returns the first step."""
@@ -80,6 +80,8 @@ class Member:
             if self.name is None:
                 raise UserError(message)
             self.stopped_at = step + 1
+            if main:
+                self.on_stop()
             self.log(f"{self.name}: {message}; the other members go on")
         elif main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_training_checkpoint(self.model, self.out, step + 1, counters, self.layout,
@@ -143,7 +145,8 @@ def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]
             log(f"{name}: stopped in the earlier run (see {SWEEP_NAME}); not resumed")
             continue
         claimed.append(Member(name, member_cfg, checkpoint.claim_output(Path(member_cfg.output), member_cfg, manifest,
-                                                                        world, held, log), log))
+                                                                        world, held, log), log,
+                              on_stop=lambda: write_stops(out, claimed)))
     steps = {m.name: m.resume.step if m.resume else 0 for m in claimed}
     if len(set(steps.values())) > 1:
         raise UserError("--resume latest: the members' newest checkpoints are at different steps ("
@@ -152,6 +155,16 @@ def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]
     if not claimed:
         raise UserError(f"--resume latest: every member of the sweep in {out} has stopped; nothing to train")
     return claimed
+
+
+def write_stops(out: Path, members: list[Member]) -> None:
+    """OUTPUT/sweep.json with the members stopped so far (finish_sweep completes it), so that a resume of an
+    interrupted sweep leaves them stopped."""
+    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {"members": []}
+    rows = {r["name"]: r for r in earlier["members"]}
+    rows.update({m.name: {"name": m.name, "output": str(m.out), "stopped_at": m.stopped_at}
+                 for m in members if m.stopped_at is not None})
+    write_json_atomic(out / SWEEP_NAME, {**earlier, "members": list(rows.values())})
 
 
 def check_not_all_stopped(members: list[Member]) -> None:

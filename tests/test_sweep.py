@@ -92,10 +92,15 @@ def test_resume_latest_of_a_sweep_is_bit_identical(sweep, fp32_cache, tmp_path):
 
 
 def test_a_diverging_member_stops_alone_and_members_may_adapt_other_modules(fp32_cache, tmp_path):
-    logged = []
+    logged, bad = [], "learning_rate=1e30,target_modules=attn"
+
+    def log(line):  # when the member stops, sweep.json records it at once: a resume of the sweep leaves it stopped
+        if f"{bad}: stopped" in line:
+            logged.append(json.loads((tmp_path / "runs" / "sweep.json").read_text())["members"])
+        logged.append(line)
     summary = train(config(fp32_cache, tmp_path / "runs", checkpoint_every=0, max_bad_steps=1,
-                           sweep=("learning_rate=1e-3,1e30,5e-4 target_modules=to_q,to_v;attn;attn",)), log=logged.append)
-    bad = "learning_rate=1e30,target_modules=attn"
+                           sweep=("learning_rate=1e-3,1e30,5e-4 target_modules=to_q,to_v;attn;attn",)), log=log)
+    assert [m["name"] for m in next(x for x in logged if isinstance(x, list))] == [bad]
     by_name = {m["name"]: m for m in summary["members"]}
     assert by_name[bad]["stopped_at"] < 4 and [m.get("steps") for m in summary["members"]] == [4, 4, None]
     assert not (tmp_path / "runs" / bad / LORA_WEIGHTS_NAME).exists()
