@@ -328,6 +328,7 @@ def info(cache, verify):
 @from_config(TrainConfig, "device")
 @from_config(TrainConfig, "num_workers")
 @from_config(TrainConfig, "overwrite")
+@from_config(TrainConfig, "sweep", multiple=True)
 @run_stage
 def train(**kwargs):
     """Stage 2: train a UNet LoRA from the cache (loads the UNet only)."""
@@ -356,6 +357,8 @@ def train(**kwargs):
 @from_config(BenchConfig, "stream_blocks")
 @from_config(BenchConfig, "steps")
 @from_config(BenchConfig, "warmup")
+@from_config(BenchConfig, "sweep")
+@from_config(BenchConfig, "sweep_ranks")
 @from_config(BenchConfig, "baseline")
 @from_config(BenchConfig, "vram_budget")
 @from_config(BenchConfig, "device")

@@ -30,6 +30,8 @@ sections (RESULTS.md names the section next to each heading):
   stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
+  sweep        bench --sweep 4 (a 4-learning-rate sweep beside one run, defaults), and --sweep 4 --sweep-ranks
+               4,8,16,32 (16 members at 512², checkpointing) under --vram-budget 24GiB
 Sections measured before 2026-12-01 ran eagerly; since then train and bench capture CUDA graphs by default:
 set EXTRA="--cuda-graphs off" to re-measure them as they were.
 EOF
@@ -37,7 +39,7 @@ EOF
 
 section=${1:-}
 case $section in
-  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-budget) ;;
+  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-budget|sweep) ;;
   *) [ -n "$section" ] && echo "unknown section: $section" >&2; usage >&2; exit 2;;
 esac
 dir=${OUT:-/tmp/reproduce}/$section
@@ -105,11 +107,14 @@ for line in open(sys.argv[1]):
               "{peak_reserved_gib} GiB, {images_per_s} img/s, {median_step_s} s/step, first step {time_to_first_step_s} s, "
               "UNet fwd {unet_forward_tflop_per_image} TFLOP/img, MFU {mfu} (matmul peak {matmul_peak_tflops} TFLOP/s), "
               "last loss {last_loss}; CUDA graphs {cuda_graphs}: per step {profile_step_ms} ms, host {host_ms_per_step} ms, "
-              "GPU busy {gpu_busy_ms_per_step} ms".format_map({"cuda_graphs": None, "profile_step_ms": None, "stream_blocks": None, "h2d_gib_per_step": None,
+              "GPU busy {gpu_busy_ms_per_step} ms; {adapters} adapter(s): {adapter_images_per_s} adapter-img/s".format_map({
+                                                              "cuda_graphs": None, "profile_step_ms": None,
+                                                              "stream_blocks": None, "h2d_gib_per_step": None,
+                                                              "adapters": 1, "adapter_images_per_s": None,
                                                               "host_ms_per_step": None, "gpu_busy_ms_per_step": None,
                                                               **{"mfu": None, "matmul_peak_tflops": None, "peak_allocated_gib": None,
                                                   "peak_reserved_gib": None, **r}}))
-    elif line.startswith("speed-up vs baseline"):
+    elif line.startswith("speed-up vs baseline") or line.startswith("sweep of "):
         print("   " + " ".join(line.split()))
 ' "$dir/$name.log"
 }
@@ -297,6 +302,10 @@ speed)  # "Fast by default" (2026-12-01): CUDA graphs (the default), flat 8-bit 
   bench best1024 --resolution 1024 --batch-size 8 --grad-accum 1 --no-gradient-checkpointing --optimizer adamw --compile regional --steps 8
   bench nf4 --base-weights nf4 --steps 8
   bench nf4b4 --base-weights nf4 --batch-size 4 --grad-accum 1 --steps 8
+  ;;
+sweep)  # 'Sweeps' (issue 16): each bench runs the single run, then the sweep of the same settings
+  bench lr4 --sweep 4 --steps 10 --warmup 3
+  bench lr4_rank4 --sweep 4 --sweep-ranks 4,8,16,32 --steps 4 --warmup 2 --vram-budget 24GiB
   ;;
 esac
 echo "== $section: done ($dir)"

@@ -3,6 +3,7 @@ time to the first step, MFU), optionally beside the all-FP32 encode-every-step b
 cache shaped like SDXL's, for measuring `train` without a dataset."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -16,8 +17,8 @@ import torch
 from cache import CacheReader
 from cache.format import Manifest, fingerprint
 from cache.writer import CacheWriter, write_validation
-from stages.config import (RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions, parse_stream_blocks,
-                           resolve_target_modules)
+from stages.config import (DEFAULT_LEARNING_RATES, RANDOM_SDXL, BenchConfig, TrainConfig, parse_resolutions,
+                           parse_stream_blocks, resolve_target_modules, sweep_members, sweep_values)
 from stages.device import (apply_compile, cap_gpu_memory, check_device_options, resolve_device, resolve_precision,
                            synchronize, use_cuda_graphs)
 from stages.errors import UserError
@@ -92,10 +93,18 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> 
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict:
-    """Time `steps` optimizer steps through train's own setup_model / micro_batches / training_step."""
+def bench_sweep(cfg: BenchConfig) -> tuple[str, ...]:
+    """`train --sweep` of bench --sweep K: K learning rates from the optimizer's default down by factors of 2
+    (× --sweep-ranks' ranks)."""
+    lrs = ",".join(f"{DEFAULT_LEARNING_RATES[cfg.optimizer] * 0.5 ** k:g}" for k in range(cfg.sweep))
+    return (f"learning_rate={lrs}",) + ((f"rank={cfg.sweep_ranks}",) if cfg.sweep_ranks else ())
+
+
+def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: bool = False) -> dict:
+    """Time `steps` optimizer steps through train's own setup_models / micro_batches / training_step (with `sweep`,
+    bench_sweep's members trained together, as `train --sweep` does)."""
     from stages.encode import encode_latents, encode_token_ids
-    from stages.train import setup_model, train_batches, training_step
+    from stages.train import setup_models, train_batches, training_step
 
     total = cfg.warmup + cfg.steps
     profiled = PROFILED_STEPS if device.type == "cuda" else 0  # after the timed steps: where the time goes
@@ -104,7 +113,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                        grad_accum=cfg.grad_accum, max_steps=total + profiled, warmup_steps=0, optimizer=cfg.optimizer,
                        mixed_precision=cfg.mixed_precision, seed=cfg.seed, base_weights=cfg.base_weights,
                        device=device.type, num_workers=0, checkpoint_every=0, stream_blocks=cfg.stream_blocks,
-                       cuda_graphs="off" if cfg.compile == "regional-graphs" else cfg.cuda_graphs)
+                       cuda_graphs="off" if cfg.compile == "regional-graphs" else cfg.cuda_graphs,
+                       sweep=bench_sweep(cfg) if sweep else ())
     if baseline:  # the reference recipe at the same effective batch: FP32, checkpointing, micro-batch 1, 8-bit AdamW
         tcfg = dataclasses.replace(tcfg, mixed_precision="no", base_weights="auto", gradient_checkpointing=True,
                                    batch_size=1, grad_accum=cfg.batch_size * cfg.grad_accum, optimizer="adamw8bit",
@@ -116,7 +126,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         write_synthetic_cache(tmp, num_samples=max(8, cfg.batch_size * cfg.grad_accum), resolution=cfg.resolution,
                               text_width=uc["cross_attention_dim"], pooled_width=pooled, model=cfg.model)
         reader = CacheReader(tmp)
-        model = setup_model(tcfg, reader, device, lambda *a: None)
+        models = setup_models([c for _, c in sweep_members(tcfg)] if sweep else [tcfg], reader, device, lambda *a: None)
+        model = models[0]
         if device.type == "cuda":  # the training steps' peak, as train logs it (not a quantizing load's)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -136,7 +147,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                 profiler.__enter__()
                 profile_started = time.perf_counter()
             if flops is None:  # counted eagerly, before compiling: a counting pass would make compiled blocks recompile
-                flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
+                with model.mixed.only(model.adapter) if model.mixed else contextlib.nullcontext():  # one adapter's
+                    flops = unet_forward_flops(model.unet, {k: v[:1] for k, v in micro[0].items()})
                 apply_compile(model.unet, "none" if baseline else cfg.compile, device)
             synchronize(device)
             t0 = time.perf_counter()
@@ -151,7 +163,7 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
                     ids = torch.randint(0, vocab, (b, 77), device=device)
                     batch["prompt_embeds"], batch["pooled_prompt_embeds"] = encode_token_ids(
                         (encoders["text_encoder"], encoders["text_encoder_2"]), [ids, ids])
-            result = training_step(model, micro, step, tcfg)
+            result = training_step(models, micro, step, tcfg)[0]
             synchronize(device)
             times.append(time.perf_counter() - t0)
             if first_step is None:
@@ -164,13 +176,16 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
         timed = times[cfg.warmup:total]
         images = cfg.batch_size * cfg.grad_accum
         row = {
-            "recipe": "baseline: all FP32, encode every step" if baseline else "cached inputs, UNet only",
+            "recipe": "baseline: all FP32, encode every step" if baseline else
+                      f"sweep of {len(models)} LoRAs, one pass" if sweep else "cached inputs, UNet only",
+            "adapters": len(models),
             "resolution": cfg.resolution, "micro_batch": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
             "precision": model.resolved["mixed_precision"], "base_weights": model.resolved["base_weights"],
             "base_gib": round(model.resolved["base_bytes_after"] / 2**30, 3),
             "checkpointing": tcfg.gradient_checkpointing, "compile": "none" if baseline else cfg.compile,
             "optimizer": model.resolved["optimizer"], "trainable_parameters": model.resolved["trainable_parameters"],
-            "images_per_s": round(images * len(timed) / sum(timed), 3),
+            "images_per_s": round(images * len(timed) / sum(timed), 3),  # of the stream; each adapter trains on them
+            "adapter_images_per_s": round(len(models) * images * len(timed) / sum(timed), 3),
             "median_step_s": round(statistics.median(timed), 4),
             "time_to_first_step_s": round(first_step, 1),
             "unet_forward_tflop_per_image": round(flops / 1e12, 4),
@@ -185,7 +200,7 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log) -> dict
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
         if profiled:
             row.update(profile)
-        del model, encoders, reader
+        del model, models, encoders, reader
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -211,6 +226,7 @@ def check_bench(cfg: BenchConfig, device: torch.device) -> None:
     memory and minutes per step on a CPU), a model path that is not there, precision / base weights / CUDA graphs
     / --compile this device lacks, --target-modules the UNet does not have, a --resolution no multiple of 8."""
     parse_resolutions(cfg.resolution)
+    sweep_values(bench_sweep(cfg))  # --sweep-ranks: whole numbers, distinct
     check_device_options("auto", cfg.compile, device)
     resolve_precision(cfg.mixed_precision, device)
     check_base_weights(cfg.base_weights, device, "lora")
@@ -224,20 +240,21 @@ def check_bench(cfg: BenchConfig, device: torch.device) -> None:
 
 
 def bench(cfg: BenchConfig, log=print) -> list[dict]:
-    """Run the configuration (and the baseline); print a table and one JSON line per run."""
+    """Run the configuration (and the baseline, and the --sweep); print a table and one JSON line per run."""
     device = resolve_device(cfg.device)
     check_bench(cfg, device)
     if cfg.vram_budget:
         cap_gpu_memory(device, cfg.vram_budget, log)
     peak = matmul_peak_tflops(device)
     rows = []
-    for baseline in ([True, False] if cfg.baseline else [False]):
+    runs = [(True, False)] * cfg.baseline + [(False, False)] + [(False, True)] * (cfg.sweep > 1 or bool(cfg.sweep_ranks))
+    for baseline, sweep in runs:
         try:
-            row = run_one(cfg, device, baseline, log)
+            row = run_one(cfg, device, baseline, log, sweep)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"does not fit{' in ' + cfg.vram_budget if cfg.vram_budget else ''}: out of GPU memory "
-                            f"({'baseline' if baseline else 'configuration'} at {cfg.resolution}², micro-batch "
-                            f"{cfg.batch_size})") from None
+                            f"({'baseline' if baseline else 'sweep' if sweep else 'configuration'} at "
+                            f"{cfg.resolution}², micro-batch {cfg.batch_size})") from None
         if peak:
             useful = 2 * row["unet_forward_tflop_per_image"] * row["images_per_s"]  # TFLOP/s: forward + backward
             row["matmul_peak_tflops"] = round(peak, 1)
@@ -246,12 +263,18 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         row["torch"] = torch.__version__
         rows.append(row)
     keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "base_weights", "base_gib",
-            "checkpointing", "cuda_graphs", "compile", "stream_blocks", "h2d_gib_per_step", "optimizer", "peak_allocated_gib", "peak_reserved_gib",
-            "images_per_s", "time_to_first_step_s", "mfu", "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step"]
+            "checkpointing", "cuda_graphs", "compile", "stream_blocks", "h2d_gib_per_step", "optimizer", "adapters",
+            "peak_allocated_gib", "peak_reserved_gib", "images_per_s", "adapter_images_per_s", "time_to_first_step_s", "mfu",
+            "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step"]
     for k in keys:
         log(f"{k:22s}" + "".join(f"{str(r.get(k, '-')):>40s}" for r in rows))
-    if len(rows) == 2:
+    if cfg.baseline:
         log(f"{'speed-up vs baseline':22s}{rows[1]['images_per_s'] / rows[0]['images_per_s']:>80.2f}x")
+    if rows[-1]["adapters"] > 1:  # the sweep beside the single run of this invocation
+        single, swept = rows[-2], rows[-1]
+        log(f"sweep of {swept['adapters']}: {swept['adapter_images_per_s'] / single['images_per_s']:.2f}x the single run's "
+            "images/s in adapter-images/s" + (f"; peak {swept['peak_allocated_gib'] - single['peak_allocated_gib']:+.2f} "
+                                              "GiB" if "peak_allocated_gib" in swept else ""))
     for r in rows:
         log(json.dumps({**r, "config": asdict(cfg)}))
     return rows

@@ -67,11 +67,12 @@ class MemoryWatch:
                         f"overrun ({scale:.2f}x): {self.refit(scale) if self.refit else 'a smaller --batch-size'}")
 
 
-def watch_memory(cfg, device: torch.device, resolution: int, log):
-    """--vram-budget: the planned copy of the TrainConfig `cfg` and a watch that keeps it to the budget; otherwise
-    `cfg` and a watch that only reads peaks (with one line when this card could train markedly faster)."""
+def watch_memory(cfg, device: torch.device, resolution: int, log, members: int = 1):
+    """--vram-budget: the planned copy of the TrainConfig `cfg` (a sweep's `members` planned together) and a watch
+    that keeps it to the budget; otherwise `cfg` and a watch that only reads peaks (with one line when this card
+    could train markedly faster)."""
     if cfg.vram_budget:
-        cfg, budget, outside, planned, refit = fit_vram_budget(cfg, device, resolution, log)
+        cfg, budget, outside, planned, refit = fit_vram_budget(cfg, device, resolution, log, members)
         return cfg, MemoryWatch(device, budget, outside, planned, refit)
     if device.type == "cuda" and (note := suggest_budget(cfg, device, resolution)):
         log(note)

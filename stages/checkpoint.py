@@ -60,12 +60,13 @@ def join_tensors(obj, tensors: dict):
     return obj
 
 
-def save_checkpoint(out: Path, step: int, unet, states: dict, counters: dict, layout: dict) -> Path:
-    """checkpoint-<step>/: the LoRA + `states` (name -> state dict: optimizer, lr scheduler, scaler) + step."""
+def save_checkpoint(out: Path, step: int, unet, states: dict, counters: dict, layout: dict,
+                    adapter: str = "default") -> Path:
+    """checkpoint-<step>/: the LoRA (the UNet's adapter `adapter`) + `states` (name -> state dict: optimizer, lr scheduler, scaler) + step."""
     final = out / f"checkpoint-{step}"
     tmp = temporary_name(final)
     tmp.mkdir(parents=True)
-    save_lora(unet, tmp)
+    save_lora(unet, tmp, adapter=adapter)
     tensors: dict = {}
     structure = split_tensors(states, tensors)
     with atomic_path(tmp / STATE_TENSORS_NAME) as path:  # the default file mode (safetensors alone writes 0600)
@@ -76,10 +77,10 @@ def save_checkpoint(out: Path, step: int, unet, states: dict, counters: dict, la
     return final
 
 
-def load_checkpoint(folder: Path, unet) -> tuple[int, dict, dict]:
-    """Load the checkpoint's LoRA into `unet`; returns (step, counters, states) for the caller to restore."""
+def load_checkpoint(folder: Path, unet, adapter: str = "default") -> tuple[int, dict, dict]:
+    """Load the checkpoint's LoRA into `unet`'s adapter `adapter`; returns (step, counters, states) for the caller to restore."""
     saved = json.loads((folder / STATE_NAME).read_text())
-    load_lora_weights_into(unet, folder)
+    load_lora_weights_into(unet, folder, adapter)
     states = join_tensors(saved["state"], load_file(str(folder / STATE_TENSORS_NAME)))
     return saved["step"], saved["counters"], states
 
@@ -162,7 +163,7 @@ def checkpoint_step(folder: Path) -> int:
 KEPT_ON_RESUME = ("rank", "alpha", "target_modules", "lora_type", "rank_pattern", "grad_accum", "seed", "optimizer",
                   "loraplus_lr_ratio", "block_lr", "ema_decay")  # the adapter's shape, the data order, the states' layout
 NORMALIZE = {"target_modules": lambda v: sorted(resolve_target_modules(v)), "rank_pattern": parse_rank_pattern,
-             "alpha": float}
+             "alpha": float, "sweep": tuple}
 
 
 @dataclass
@@ -242,7 +243,7 @@ def restore(resume: Resume | None, model, weight_decay: float, log) -> tuple[int
     """(first step, counters) of the run: a resumed checkpoint's LoRA and states loaded into `model` (train.Model)."""
     if resume is None:
         return 0, {"skipped_steps": 0, "bad_in_a_row": 0}
-    step, counters, states = load_checkpoint(resume.folder, model.unet)
+    step, counters, states = load_checkpoint(resume.folder, model.unet, model.adapter)
     model.load_states(states, weight_decay)
     model.flat.check_views()
     log(f"resumed from {resume.folder} at step {step}")

@@ -9,6 +9,9 @@ here too.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import re
 from dataclasses import dataclass, field
 
 from stages.errors import UserError
@@ -367,12 +370,14 @@ class TrainConfig:
     device: str = opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
     num_workers: int = opt(2, "Data-loading processes (0: in the main process).", check="non_negative")
     overwrite: bool = opt(False, "Replace a finished LoRA or an earlier run in --output: its outputs are removed first.")
+    sweep: tuple[str, ...] = opt((), "Train several LoRAs in one pass over the cache, sharing the frozen UNet: setting=value,value,..., e.g. learning_rate=1e-4,5e-5 (repeatable: each --sweep multiplies the members; space-separated settings in one --sweep vary together); values of target_modules, rank_pattern and block_lr are separated by ';'. Each member writes OUTPUT/<setting=value,...>/ as a single run would (see README: Sweeps).")
 
     def __post_init__(self):
         if not isinstance(self.cache, str):  # repeated --cache: one stays a plain path, as before
             self.cache = tuple(self.cache) if len(self.cache) != 1 else self.cache[0]
         check_fields(self)
         parse_cache_specs(self.cache)
+        sweep_values(self.sweep)
         try:
             parse_rank_pattern(self.rank_pattern)
         except ValueError as e:
@@ -432,6 +437,83 @@ class TrainConfig:
         return parse_rank_pattern(self.rank_pattern)
 
 
+# ------------------------------------------------------------------------------------------- sweeps
+# What a sweep may vary: the adapter, its optimizer and its loss. The sample stream, the step count and the frozen
+# base are shared by every member (batch, grad-accum, steps, resolution schedule, seed, cache, precision, ...).
+SWEEPABLE = ("learning_rate", "rank", "alpha", "rank_pattern", "target_modules", "weight_decay",
+             "max_grad_norm", "lr_scheduler", "warmup_steps", "noise_offset", "min_snr_gamma", "caption_dropout",
+             "prediction_type", "timestep_sampling", "loss", "huber_c", "huber_schedule", "debiased_estimation",
+             "optimizer", "loraplus_lr_ratio", "block_lr", "ema_decay")
+LIST_VALUED = ("target_modules", "rank_pattern", "block_lr")  # their values hold commas: separated by ';'
+
+
+def _sweep_value(name: str, text: str):
+    """One --sweep value as TrainConfig's field `name` holds it ('none' unsets an optional one)."""
+    kind = str({f.name: f for f in dataclasses.fields(TrainConfig)}[name].type)
+    if text.lower() == "none" and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            return {"true": True, "false": False}[text.lower()]
+        return int(text) if kind.startswith("int") else float(text) if kind.startswith("float") else text
+    except (KeyError, ValueError):
+        raise UserError(f"--sweep {name}={text}: not a value of {flag_name(name)} ({kind})") from None
+
+
+def sweep_values(specs: tuple[str, ...]) -> list[list[tuple[str, list[tuple[str, object]]]]]:
+    """--sweep's settings, each checked: one group per --sweep, [(name, [(value as given, value), ...]), ...] for its
+    space-separated settings, which vary together (zipped: the same number of values each)."""
+    groups, seen = [], set()
+    for spec in specs:
+        group = []
+        for setting in spec.split():
+            key, _, values = setting.partition("=")
+            name = key.strip().lstrip("-").replace("-", "_")
+            if name not in SWEEPABLE:
+                raise UserError(f"--sweep {key.strip()}: not sweepable (members share the sample stream, the step count "
+                                f"and the frozen UNet); sweepable: {', '.join(SWEEPABLE)}")
+            texts = [v.strip() for v in values.split(";" if name in LIST_VALUED else ",") if v.strip()]
+            if not texts or name in seen:
+                raise UserError(f"--sweep {setting!r}: expected {name}=value,value,..., each setting once"
+                                + (" (values separated by ';')" if name in LIST_VALUED else ""))
+            seen.add(name)
+            group.append((name, [(text, _sweep_value(name, text)) for text in texts]))
+        if not group or len({len(values) for _, values in group}) > 1:
+            raise UserError(f"--sweep {spec!r}: settings in one --sweep vary together and need as many values each "
+                            "(e.g. \"learning_rate=1e-4,5e-5 rank=8,16\"); separate --sweep options multiply")
+        groups.append(group)
+    return groups
+
+
+def member_name(values: list[tuple[str, str]]) -> str:
+    """A member's folder name from its swept values, file-system safe: learning_rate=1e-4,rank=8."""
+    name = ",".join(f"{k}={v}" for k, v in values)
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name).lstrip(".")[:200]
+
+
+def sweep_members(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(folder name, config) of every member of --sweep's cross product, in order; each config is the one a single
+    `train --output OUTPUT/<name>` with those values would run (checked as such). The members share one batched
+    forward whose rows stages/lora.py MixedBatch routes through plain LoRA layers (not dora, loha, lokr)."""
+    groups = [[[(name, *values[i]) for name, values in group] for i in range(len(group[0][1]))]
+              for group in sweep_values(cfg.sweep)]  # per --sweep: its members' [(name, text, value), ...]
+    members, names = [], set()
+    for combo in itertools.product(*groups):
+        combo = [setting for part in combo for setting in part]
+        name = member_name([(n, text) for n, text, _ in combo])
+        if name in names:
+            raise UserError(f"--sweep: two members would share the folder {name}; give values that differ in their "
+                            "letters and digits")
+        names.add(name)
+        members.append((name, dataclasses.replace(cfg, sweep=(), output=os.path.join(cfg.output, name),
+                                                  **{n: value for n, _, value in combo})))
+    other = sorted({c.lora_type for _, c in members} - {"lora"})
+    if len(members) > 1 and other:
+        raise UserError(f"--sweep: --lora-type {other[0]} cannot share a batched forward with other adapters (a sweep "
+                        "routes each replica through plain LoRA layers): sweep --lora-type lora, or train it alone")
+    return members
+
+
 # ------------------------------------------------------------------------------------------- bench
 def same_as_train(name: str, default=dataclasses.MISSING, help: str | None = None):
     """A BenchConfig field that is TrainConfig's `name` (its help, choices and check), with another default."""
@@ -460,6 +542,8 @@ class BenchConfig:
     stream_blocks: str = same_as_train("stream_blocks")
     steps: int = opt(10, "Timed optimizer steps.", check="positive")
     warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
+    sweep: int = opt(1, "Also run a `train --sweep` of this many learning rates (the optimizer's default, halved member by member) beside the single run: total adapter-images/s and peak memory of both.", check="positive")
+    sweep_ranks: str | None = opt(None, "With --sweep: also sweep these ranks, e.g. 4,8,16,32 (the cross product with the learning rates).")
     baseline: bool = opt(False, "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio.")
     vram_budget: str | None = opt(None, "Cap this process's GPU memory, e.g. 16GiB, to prove a fit on a smaller card.")
     device: str = same_as_train("device")

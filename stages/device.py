@@ -129,7 +129,8 @@ def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, l
 class CudaGraphs:
     """Run `fn(inputs)` (one micro-batch's forward + backward, accumulating into pre-allocated gradients and
     loss buffers) as a CUDA graph: captured the first time each input shape is seen, replayed after that
-    with the inputs copied into the graph's static buffers. All graphs share one memory pool.
+    with the inputs copied into the graph's static buffers. All graphs share one memory pool. `inputs` maps
+    each adapter's name to its tensors by name (a sweep's members: one graph runs them all).
 
     `state` lists the tensors `fn` accumulates into (gradients, loss sum): capture warms up by running `fn`
     for real, so their values are saved first (to host memory) and restored after. Where capture fails (an operation that
@@ -140,23 +141,24 @@ class CudaGraphs:
 
     def __init__(self, fn, state: list[torch.Tensor], log):
         self.fn, self.state, self.log = fn, state, log
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, dict]]] = {}
         self.pool = None
         self.failed: str | None = None
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> None:
+    def __call__(self, inputs: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.failed:
             return self.fn(inputs)
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        key = tuple((k, tuple(v.shape), v.dtype, adapter) for adapter, x in inputs.items() for k, v in x.items())
         if key not in self.graphs and not self._capture(key, inputs):
             return self.fn(inputs)
         graph, static = self.graphs[key]
-        for name, value in inputs.items():
-            static[name].copy_(value, non_blocking=True)
+        for adapter, x in inputs.items():
+            for name, value in x.items():
+                static[adapter][name].copy_(value, non_blocking=True)
         graph.replay()
 
-    def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:
-        static = {k: v.clone() for k, v in inputs.items()}
+    def _capture(self, key: tuple, inputs: dict[str, dict[str, torch.Tensor]]) -> bool:
+        static = {adapter: {k: v.clone() for k, v in x.items()} for adapter, x in inputs.items()}
         saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak
         try:
             side = torch.cuda.Stream()

@@ -423,10 +423,10 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def save_lora_files(unet, folder: Path, name: str, save_dtype: str = "fp32", kohya: bool = True, suffix: str = "",
-                    log=print) -> list[Path]:
+                    log=print, adapter: str = "default") -> list[Path]:
     """`train`'s LoRA files in `folder`: pytorch_lora_weights<suffix>.safetensors (diffusers) and, with `kohya`,
     <name><suffix>.safetensors converted from it (what `export --format kohya` writes), tensors as `save_dtype`."""
-    lora = save_lora(unet, folder, SAVE_DTYPES[save_dtype], LORA_WEIGHTS_NAME.replace(".", f"{suffix}.", 1))
+    lora = save_lora(unet, folder, SAVE_DTYPES[save_dtype], LORA_WEIGHTS_NAME.replace(".", f"{suffix}.", 1), adapter)
     return [lora] + ([write_kohya_file(lora, Path(folder) / f"{name}{suffix}.safetensors", log)] if kohya else [])
 
 

@@ -12,6 +12,9 @@ README's snippet) loads them through peft.
 """
 from __future__ import annotations
 
+import contextlib
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,25 +57,96 @@ def adapter_metadata(config) -> dict:
 
 
 def attach_lora(unet, rank: int, alpha: float, target_modules: list[str], lora_type: str = "lora",
-                rank_pattern: dict[str, int] | None = None):
-    """Freeze the UNet, add the adapter, keep its parameters in fp32; returns them."""
+                rank_pattern: dict[str, int] | None = None, adapter: str = "default"):
+    """Freeze the UNet, add the adapter named `adapter` (beside those already attached), keep its parameters in
+    fp32; returns its parameters. It is left the only active adapter (a sweep's: `MixedBatch`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import get_pattern_key
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, alpha, target_modules, lora_type, rank_pattern))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
+    if not getattr(unet, "peft_config", None):
+        unet.requires_grad_(False)
+    with warnings.catch_warnings():  # a sweep's further adapters: peft warns that the UNet holds several, as meant
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(lora_config(rank, alpha, target_modules, lora_type, rank_pattern), adapter_name=adapter)
+    named = adapter_parameters(unet, adapter)
+    if not named:
         raise ValueError(f"no module of the UNet matches --target-modules {','.join(target_modules)}")
-    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    adapted = [name for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer) and adapter in m.active_adapters]
     for key in rank_pattern or {}:  # peft ignores a pattern that matches nothing: a typo would go unnoticed
         if not any(get_pattern_key([key], name) == key for name in adapted):
             raise ValueError(f"--rank-pattern {key}: matches no module of --target-modules {','.join(target_modules)}")
-    for p in params:
+    for _, p in named:
         p.data = p.data.float()
-    return params
+    return [p for _, p in named]
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def adapter_parameters(unet, adapter: str = "default") -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the adapter's trainable tensors, in module order."""
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad and re.search(rf"\.{adapter}(\.|$)", n)]
+
+
+class MixedBatch:
+    """A sweep's adapters trained side by side in one forward: each micro-batch holds one replica per adapter (equal,
+    contiguous blocks of rows), and replica k goes through adapter k only. peft's own mixed-batch forward
+    (`adapter_names`) picks rows with Python index lists, a host-to-device copy that a CUDA graph cannot capture;
+    here each peft LoRA layer runs its base layer alone (no adapter active) and a forward hook adds every adapter's
+    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling (adapters of
+    one rank and scaling: as one pair of batched matmuls). Plain LoRA only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
+    recomputation in backward routes alike."""
+
+    def __init__(self, unet, adapters: list[str], params: list[torch.nn.Parameter]):
+        from peft.tuners.lora import LoraLayer
+        self.blocks = list(adapters)
+        layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        for m in layers:
+            m.set_adapter([])  # peft's forward: the base layer alone (this also stops the adapters' gradients)
+        for p in params:
+            p.requires_grad_(True)
+        self.hooks = [m.register_forward_hook(self._add) for m in layers]
+
+    def _add(self, layer, args, output):
+        blocks, x = self.blocks, args[0]
+        if output.shape[0] % len(blocks):
+            raise RuntimeError(f"a batch of {output.shape[0]} rows is no set of {len(blocks)} replicas: route() it, or "
+                               "forward inside only(adapter)")
+        if self._stackable(layer):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
+            A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
+            B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
+            xk = layer._cast_input_dtype(x, A.dtype).reshape(len(blocks), -1, x.shape[-1])
+            term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * layer.scaling[blocks[0]]
+            output += term.reshape(output.shape).to(output.dtype)
+            return output
+        rows = output.shape[0] // len(blocks)
+        for k, adapter in enumerate(blocks):
+            if adapter in layer.lora_A:  # another adapter's --target-modules may leave this layer out
+                lora_A, block = layer.lora_A[adapter], slice(k * rows, (k + 1) * rows)
+                h = lora_A(layer.lora_dropout[adapter](layer._cast_input_dtype(x[block], lora_A.weight.dtype)))
+                output[block] += (layer.lora_B[adapter](h) * layer.scaling[adapter]).to(output.dtype)
+        return output
+
+    def _stackable(self, layer) -> bool:
+        """Every block's adapter on this Linear layer, of one rank and one scaling, without dropout (the common sweep
+        of learning rates, optimizers, losses): their terms are one pair of batched matmuls instead of K pairs."""
+        blocks = self.blocks
+        return (len(blocks) > 1 and all(a in layer.lora_A for a in blocks)
+                and all(isinstance(layer.lora_A[a], torch.nn.Linear) for a in blocks)
+                and len({(layer.r[a], layer.scaling[a]) for a in blocks}) == 1
+                and all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in blocks))
+
+    def route(self, adapters: list[str]) -> None:
+        """The rows of the next forwards: block k (of len(adapters) equal blocks) through adapters[k]."""
+        self.blocks = list(adapters)
+
+    @contextlib.contextmanager
+    def only(self, adapter: str):
+        """Inside the block every row goes through `adapter` (validation images)."""
+        blocks, self.blocks = self.blocks, [adapter]
+        try:
+            yield
+        finally:
+            self.blocks = blocks
+
+
+def lora_state_dict(unet, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights with peft's key names (`…lora_A.weight`, `…lora_B.weight`), without `unet.`.
 
     All keys in one style on purpose: diffusers converts old-style keys (`lora.down/up`) only when the
@@ -80,7 +154,7 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     produces for targets beyond attention) would silently lose weights on load.
     """
     from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(unet, adapter_name=adapter)
 
 
 def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata: dict,
@@ -96,20 +170,22 @@ def write_lora_file(folder: str | Path, state: dict[str, torch.Tensor], metadata
     return folder / name
 
 
-def save_lora(unet, folder: str | Path, dtype: torch.dtype = torch.float32, name: str = LORA_WEIGHTS_NAME) -> Path:
-    """Write the UNet's adapter, its tensors as `dtype`, as `name` (with alpha metadata) into `folder`."""
-    return write_lora_file(folder, {k: v.detach().to(dtype).cpu() for k, v in lora_state_dict(unet).items()},
-                           adapter_metadata(unet.peft_config["default"]), name)
+def save_lora(unet, folder: str | Path, dtype: torch.dtype = torch.float32, name: str = LORA_WEIGHTS_NAME,
+              adapter: str = "default") -> Path:
+    """Write the UNet's adapter `adapter`, its tensors as `dtype`, as `name` (with alpha metadata) into `folder`:
+    the file of a single run, whatever the adapter's name in this UNet."""
+    return write_lora_file(folder, {k: v.detach().to(dtype).cpu() for k, v in lora_state_dict(unet, adapter).items()},
+                           adapter_metadata(unet.peft_config[adapter]), name)
 
 
-def load_lora_weights_into(unet, folder: str | Path) -> None:
+def load_lora_weights_into(unet, folder: str | Path, adapter: str = "default") -> None:
     """Load a saved LoRA file back into the (already attached) peft adapter, exactly (resume)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     state = load_file(str(Path(folder) / LORA_WEIGHTS_NAME))
     state = {k.removeprefix("unet."): v for k, v in state.items()}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"LoRA file in {folder} does not fit this adapter: {result.unexpected_keys[:3]}")
 

@@ -24,7 +24,7 @@ def save_training_checkpoint(model, out: Path, step: int, counters: dict, layout
                              keep: int | None) -> Path:
     """checkpoint-<step>/ (and its kohya file unless `kohya_name` is None); then keep the newest `keep`."""
     with model.final_weights(ema=False):  # schedule-free saves (and resumes) in eval mode
-        folder = checkpoint.save_checkpoint(out, step, model.unet, model.states(), counters, layout)
+        folder = checkpoint.save_checkpoint(out, step, model.unet, model.states(), counters, layout, model.adapter)
     if kohya_name:
         write_kohya_file(folder / LORA_WEIGHTS_NAME, folder / f"{kohya_name}.safetensors", lambda *a: None)
     checkpoint.prune_checkpoints(out, keep)
@@ -36,5 +36,5 @@ def save_final_lora(model, out: Path, kohya_name: str, save_dtype: str, kohya: b
     written = []
     for suffix, ema in (("", True), ("_raw", False))[: 1 + (model.ema is not None)]:
         with model.final_weights(ema=ema):
-            written += save_lora_files(model.unet, out, kohya_name, save_dtype, kohya, suffix, log)
+            written += save_lora_files(model.unet, out, kohya_name, save_dtype, kohya, suffix, log, model.adapter)
     return written

@@ -99,13 +99,15 @@ class Candidate:
     batch_size: int    # micro-batch
     grad_accum: int
     stream_blocks: int = 0  # resident blocks of the streamed frozen UNet; 0: not streamed
+    members: int = 1   # a sweep's adapters: each adds its LoRA state, and its replica of every micro-batch
 
     def describe(self) -> str:
         ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
         mode = "regional compile" if self.compile == "regional" else "eager"
         stream = f", {self.stream_blocks} blocks streamed" if self.stream_blocks else ""
         return (f"{self.base_weights} weights{stream}, {ckpt}, {self.optimizer}, {mode}, "
-                f"micro-batch {self.batch_size} × grad-accum {self.grad_accum}")
+                f"micro-batch {self.batch_size} × grad-accum {self.grad_accum}"
+                + (f", {self.members} sweep members" if self.members > 1 else ""))
 
     def flags(self) -> str:
         """The train flags that select this configuration."""
@@ -193,8 +195,8 @@ def streamed_gib(c: Candidate) -> float:
 
 def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False, validation: bool = False) -> float:
     graphs = graphs and not c.stream_blocks  # a streamed UNet runs eagerly
-    lora = LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer] / GIB
-    activations = c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
+    lora = c.members * LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer] / GIB
+    activations = c.members * c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
     train = (weights_gib(c) + lora + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
              + (GRAPH_GIB if graphs else 0))
     return max(train, weights_gib(c) + lora + _at_resolution(VALIDATION_GIB, resolution)) if validation else train
@@ -208,10 +210,10 @@ def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
         eager = micro_batch_s(dataclasses.replace(c, stream_blocks=0), resolution)
         return max(eager, 2 * streamed_gib(c) * GIB / 1e9 / H2D_GBPS)
     if graphs:
-        work = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GRAPH_TFLOPS
+        work = c.members * c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GRAPH_TFLOPS
         seconds = (GRAPH_OVERHEAD_S + work) * GRAPH_WEIGHTS_SLOWDOWN[c.base_weights]
         return seconds * (COMPILE_SPEEDUP if c.compile == "regional" else 1)
-    gpu = c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GPU_TFLOPS
+    gpu = c.members * c.batch_size * passes * _at_resolution(FORWARD_TFLOP_PER_IMAGE, resolution) / GPU_TFLOPS
     seconds = max(HOST_S_PER_MICRO_BATCH[c.gradient_checkpointing], gpu) * WEIGHTS_SLOWDOWN[c.base_weights]
     return seconds * (COMPILE_SPEEDUP if c.compile == "regional" else 1)
 
@@ -232,9 +234,10 @@ def load_table(path: str | Path) -> list[dict]:
 
 def _matches(row: dict, c: Candidate, resolution: int, graphs: bool) -> bool:
     return (row.get("resolution"), row.get("micro_batch"), row.get("checkpointing"), row.get("base_weights"),
-            row.get("optimizer"), row.get("compile", "none"), bool(row.get("cuda_graphs")), row.get("stream_blocks", 0)) == (
+            row.get("optimizer"), row.get("compile", "none"), bool(row.get("cuda_graphs")), row.get("stream_blocks", 0),
+            row.get("members", 1)) == (
         resolution, c.batch_size, c.gradient_checkpointing, c.base_weights, c.optimizer, c.compile,
-        graphs and not c.stream_blocks, c.stream_blocks)
+        graphs and not c.stream_blocks, c.stream_blocks, c.members)
 
 
 def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, graphs: bool = False,
@@ -253,22 +256,22 @@ def estimate(c: Candidate, resolution: int, table: list[dict] | None = None, gra
 
 
 # -------------------------------------------------------------------------------------------- plan
-def candidates(effective_batch: int, allowed: Choices) -> list[Candidate]:
+def candidates(effective_batch: int, allowed: Choices, members: int = 1) -> list[Candidate]:
     sizes = [b for b in range(1, effective_batch + 1) if effective_batch % b == 0]
-    return [Candidate(ckpt, weights, opt, comp, b, effective_batch // b, n) for ckpt, weights, opt, comp, b, n in
+    return [Candidate(ckpt, weights, opt, comp, b, effective_batch // b, n, members) for ckpt, weights, opt, comp, b, n in
             itertools.product(allowed.gradient_checkpointing, allowed.base_weights, allowed.optimizer,
                               allowed.compile, sizes, allowed.stream_blocks) if not (n and comp != "none")]
 
 
 def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[dict] | None = None,
-         allowed: Choices = Choices(), max_steps: int | None = None) -> Plan:
+         allowed: Choices = Choices(), max_steps: int | None = None, members: int = 1) -> Plan:
     """The fastest candidate whose peak + margin fits `budget_bytes`. With max_steps, compile's start-up
-    time counts against its speed (a short run may not earn it back)."""
+    time counts against its speed (a short run may not earn it back). `members`: a sweep's, trained together."""
     if effective_batch < 1:
         raise UserError(f"effective batch {effective_batch}: must be >= 1")
     budget = budget_bytes / GIB
     scored = []
-    for c in candidates(effective_batch, allowed):
+    for c in candidates(effective_batch, allowed, members):
         e = estimate(c, resolution, table, allowed.cuda_graphs, allowed.validation)
         run_s = (max_steps or 1) * effective_batch / e.images_per_s
         if max_steps and c.compile == "regional":
@@ -276,7 +279,7 @@ def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[d
         scored.append((run_s, e.peak_gib, c, e))
     scored.sort(key=lambda s: (s[0], s[1]))
     fits = [s for s in scored if needed_gib(s[1]) <= budget]
-    where = f"{resolution}², effective batch {effective_batch}"
+    where = f"{resolution}², effective batch {effective_batch}" + (f", {members} sweep members" if members > 1 else "")
     if not fits:
         _, peak, c, _ = min(scored, key=lambda s: s[1])
         raise UserError(f"--vram-budget {budget:.2f} GiB: no configuration fits at {where}; the smallest, "
@@ -325,27 +328,44 @@ def _allowed_here(cfg, device) -> Choices:
     return choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb)
 
 
-def fit_vram_budget(cfg, device, resolution: int, log):
+def fit_vram_budget(cfg, device, resolution: int, log, members: int = 1):
     """--vram-budget: cap this process's GPU memory at cfg.vram_budget; returns (a copy of the TrainConfig `cfg` with
     the fastest configuration that fits (the reason printed), the budget and the bytes outside the allocator counted
-    against it, the plan's need in bytes (its peak with the margin), and `refit(scale)`: the flags of the fastest configuration that fits if every estimate were `scale`
-    times larger, for the stop after a measured overrun)."""
+    against it, the plan's need in bytes (its peak with the margin), and `refit(scale)`: the flags of the fastest
+    configuration that fits if every estimate were `scale` times larger, for the stop after a measured overrun).
+    A sweep's `members` train together: when they cannot, the error says how many can."""
     from stages.device import cap_gpu_memory
     if cfg.optimizer not in Choices.optimizer:
         raise UserError(f"--vram-budget plans with adamw or adamw8bit, not --optimizer {cfg.optimizer}: drop one of the two")
     budget, outside = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
     allowed = _allowed_here(cfg, device)
     effective = cfg.batch_size * cfg.grad_accum
-    chosen = plan(budget, resolution, effective, allowed=allowed, max_steps=cfg.max_steps)
+    try:
+        chosen = plan(budget, resolution, effective, allowed=allowed, max_steps=cfg.max_steps, members=members)
+    except UserError as e:
+        fitting = next((k for k in range(members - 1, 0, -1) if _fits(budget, resolution, effective, allowed, k)), 0)
+        if not fitting:
+            raise
+        raise UserError(f"{e}; {fitting} of the {members} sweep members fit together: split the sweep into runs of "
+                        f"at most {fitting} members (same --output, other values)") from None
     log(chosen.reason)
 
     def refit(scale: float) -> str:
         try:
-            return plan(int(budget / scale), resolution, effective, allowed=allowed, max_steps=cfg.max_steps).choice.flags()
+            return plan(int(budget / scale), resolution, effective, allowed=allowed, max_steps=cfg.max_steps,
+                        members=members).choice.flags()
         except UserError:
             return "none is estimated to fit; the smallest is " + min(
-                candidates(effective, allowed), key=lambda c: estimate_peak_gib(c, resolution, False, allowed.validation)).flags()
+                candidates(effective, allowed, members), key=lambda c: estimate_peak_gib(c, resolution, False, allowed.validation)).flags()
     return apply_plan(cfg, chosen), budget, outside, int(chosen.needed_gib * GIB), refit
+
+
+def _fits(budget: int, resolution: int, effective_batch: int, allowed: Choices, members: int) -> bool:
+    try:
+        plan(budget, resolution, effective_batch, allowed=allowed, members=members)
+        return True
+    except UserError:
+        return False
 
 
 SUGGEST_SPEEDUP = 1.25  # say so when the card could train this much faster

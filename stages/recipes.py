@@ -290,8 +290,9 @@ def make_recipe(seed: int, window: int, noise_offset: float, min_snr_gamma: floa
                   debiased_estimation=debiased_estimation, masked_loss=masked_loss, **mixture)
 
 
-def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool):
-    """The model's noise schedule with --prediction-type / --rescale-betas-zero-snr (the same object without).
+def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero_terminal_snr: bool, log=None):
+    """The model's noise schedule with --prediction-type / --rescale-betas-zero-snr (the same object without);
+    `log` gets a note where zero terminal SNR meets an epsilon target.
 
     Zero terminal SNR: Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024):
     rescaled betas (diffusers' rescale_betas_zero_snr) and, for sampling (validation images), trailing
@@ -301,4 +302,8 @@ def configure_noise_scheduler(noise_scheduler, prediction_type: str | None, zero
         overrides["prediction_type"] = prediction_type
     if zero_terminal_snr:
         overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    return type(noise_scheduler).from_config(noise_scheduler.config, **overrides) if overrides else noise_scheduler
+    configured = type(noise_scheduler).from_config(noise_scheduler.config, **overrides) if overrides else noise_scheduler
+    if log and zero_terminal_snr and configured.config.prediction_type == "epsilon":
+        log("note: with zero terminal SNR the last timestep's input is pure noise, so an epsilon target teaches "
+            "nothing there; Lin et al. pair --rescale-betas-zero-snr with --prediction-type v_prediction")
+    return configured

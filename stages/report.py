@@ -260,30 +260,35 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(metrics_path: str | Path, out_png: str | Path, log=print) -> bool:
-    """Plot loss per step and its moving average into `out_png` (Agg, atomic). False if skipped."""
+def plot_losses(metrics_path: str | Path | dict, out_png: str | Path, log=print) -> bool:
+    """Plot loss per step and its moving average into `out_png` (Agg, atomic). False if skipped. `metrics_path`
+    may be {label: metrics_path} (a sweep's members): one colour per curve, overlaid."""
     try:  # the object API with the Agg canvas: no pyplot, no change of the global backend (notebooks)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         log(NO_MATPLOTLIB)
         return False
-    steps, losses = read_losses(metrics_path)
-    if not losses:
+    curves = {label: read_losses(path) for label, path in
+              (metrics_path.items() if isinstance(metrics_path, dict) else [(None, metrics_path)])}
+    curves = {label: curve for label, curve in curves.items() if curve[1]}
+    if not curves:
         log(f"note: no finite loss in {metrics_path}; skipped {Path(out_png).name}")
         return False
-    window = max(1, min(50, len(losses) // 10))
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
-            label=f"moving average ({window} steps)")
+    for i, (label, (steps, losses)) in enumerate(curves.items()):
+        window, color = max(1, min(50, len(losses) // 10)), f"C{i % 10}"
+        ax.plot(steps, losses, color=color, alpha=0.35, linewidth=1, label="loss" if label is None else None)
+        ax.plot(steps, moving_average(losses, window), color=color, linewidth=2,
+                label=f"moving average ({window} steps)" if label is None else label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(f"training loss: {Path(metrics_path).resolve().parent.name}")
+    ax.set_title("training loss: " + (Path(metrics_path).resolve().parent.name if not isinstance(metrics_path, dict)
+                                      else f"sweep of {len(metrics_path)} (moving averages)"))
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(curves) > 4 else None)
     fig.tight_layout()
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:

@@ -10,17 +10,21 @@ from stages.errors import UserError
 from tests.test_train import QUIET
 
 
-def test_bench_runs_the_training_step_with_and_without_baseline(tiny_model):
+def test_bench_runs_the_training_step_with_and_without_baseline_and_as_a_sweep(tiny_model):
     logs = []
-    rows = bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=1, baseline=True, device="cpu"),
-                 log=logs.append)
-    assert [r["recipe"] for r in rows] == ["baseline: all FP32, encode every step", "cached inputs, UNet only"]
+    rows = bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=1, baseline=True, device="cpu",
+                             sweep=2), log=logs.append)
+    assert [r["recipe"] for r in rows] == ["baseline: all FP32, encode every step", "cached inputs, UNet only",
+                                           "sweep of 2 LoRAs, one pass"]
     for r in rows:
         assert r["images_per_s"] > 0 and r["unet_forward_tflop_per_image"] > 0
         assert r["trainable_parameters"] == 295_936  # what train prints for the same LoRA on this model
         assert r["last_loss"] > 0
+        assert r["adapter_images_per_s"] == pytest.approx(r["adapters"] * r["images_per_s"], rel=1e-3)
+    assert [r["adapters"] for r in rows] == [1, 1, 2]
     assert any(line.startswith("speed-up vs baseline") for line in logs)
-    assert sum(line.startswith("{") for line in logs) == 2  # one JSON line per run
+    assert any(line.startswith("sweep of 2: ") and "adapter-images/s" in line for line in logs)
+    assert sum(line.startswith("{") for line in logs) == 3  # one JSON line per run
 
 
 def test_flop_count_is_linear_in_batch_and_grows_with_resolution(tiny_model):

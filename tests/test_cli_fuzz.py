@@ -256,7 +256,7 @@ def inject(monkeypatch, site: str, code: int) -> None:
 
     import cache.writer
     import stages.checkpoint
-    import stages.train
+    import stages.sweep
     from cache.lock import LOCK_NAME
     if site == "rename":  # every atomic file: cache shards and manifest, train_config.json, checkpoints, LoRA
         monkeypatch.setattr(os, "replace", lambda src, dst, **k: (_ for _ in ()).throw(_full(dst, code)))
@@ -274,7 +274,7 @@ def inject(monkeypatch, site: str, code: int) -> None:
         class Full(io.StringIO):
             def write(self, text):
                 raise _full("metrics.jsonl", code)
-        monkeypatch.setattr(stages.train, "open", lambda *a, **k: Full(), raising=False)
+        monkeypatch.setattr(stages.sweep, "open", lambda *a, **k: Full(), raising=False)
     elif site == "lock":
         real = os.open
         monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: (_ for _ in ()).throw(_full(path, code))

@@ -57,7 +57,7 @@ def test_encode_options_are_checked_where_the_config_is_made():
 def test_bench_shares_train_fields():
     train = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for f in dataclasses.fields(BenchConfig):
-        if f.name in train and f.name not in ("model", "vram_budget"):  # bench: other default, other meaning
+        if f.name in train and f.name not in ("model", "vram_budget", "sweep"):  # bench: other default, other meaning
             assert f.metadata == train[f.name].metadata and f.default == train[f.name].default, f.name
     assert parse_size("12GiB") == 12 * 2**30 and parse_size("1500MB") == 1_500_000_000
 

@@ -261,3 +261,16 @@ def test_train_names_a_much_faster_configuration_when_the_card_has_memory_to_spa
     fastest = TrainConfig(gradient_checkpointing=False, optimizer="adamw", compile="regional", batch_size=4, grad_accum=1)
     assert suggest_budget(fastest, cuda, 512) is None  # already (about) the fastest: no note
     assert suggest_budget(TrainConfig(compile="regional-graphs"), cuda, 512) is None  # not a planner option
+
+
+def test_a_sweeps_members_add_their_lora_state_and_activations_and_the_16_member_target_fits_24_gib():
+    from stages.plan import ACTIVATIONS_GIB, LORA_BYTES_PER_PARAM, LORA_PARAMS, estimate_peak_gib, plan
+    one, four = (estimate_peak_gib(Candidate(True, "bf16", "adamw8bit", "none", 1, 4, members=k), 512, graphs=True)
+                 for k in (1, 4))
+    assert four - one == pytest.approx(3 * (LORA_PARAMS * LORA_BYTES_PER_PARAM["adamw8bit"] / GIB + ACTIVATIONS_GIB[True][0]))
+    graphs = Choices(gradient_checkpointing=(True,), base_weights=("bf16",), optimizer=("adamw8bit",),
+                     compile=("none",), cuda_graphs=True)
+    sixteen = plan(24 * GIB, 512, 4, allowed=graphs, members=16)  # the 4 learning rates × 4 ranks (r16 each)
+    assert sixteen.needed_gib <= 24 and sixteen.choice.members == 16 and "16 sweep members" in sixteen.reason
+    with pytest.raises(UserError, match="16 sweep members"):
+        plan(8 * GIB, 512, 4, allowed=graphs, members=16)

@@ -1,0 +1,203 @@
+"""What each trained adapter writes, and `train --sweep`: several LoRAs from one pass over the cache.
+
+    --sweep learning_rate=1e-4,5e-5 --sweep rank=8,16
+      -> members: the cross product (stages/config.py sweep_members), each a TrainConfig with its own --output
+         OUTPUT/<learning_rate=1e-4,rank=8>/ and its values
+      -> one frozen UNet with one adapter per member; every micro-batch replicated once per member, replica k
+         through adapter k (stages/lora.py MixedBatch) in one forward + backward; each member clips, steps and
+         skips alone (stages/train.py training_step)
+      -> per member (`Member`), exactly what a single `train` writes into its folder
+      -> OUTPUT/sweep.json (members, settings, final losses), OUTPUT/sweep.png (loss curves), a ranked table
+
+A single run is a sweep of one member: `Member` is what train.py does with every run's outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+from cache.files import write_json_atomic
+from cache.lock import lock_folder
+from stages import checkpoint, distributed
+from stages.config import TrainConfig, sweep_values
+from stages.errors import UserError
+from stages.lora import LORA_WEIGHTS_NAME
+from stages.outputs import save_final_lora, save_training_checkpoint
+from stages.paths import check_output_folder
+from stages.report import MetricsLogger, plot_losses, plural, write_model_card
+
+SWEEP_NAME = "sweep.json"
+
+
+class Member:
+    """One adapter's run and its folder: checkpoints, train_config.json, metrics.jsonl (+ tracker), the final LoRA,
+    model card and loss.png. In a sweep (`name` set) too many non-finite steps stop this member alone."""
+
+    def __init__(self, name: str | None, cfg: TrainConfig, resume: checkpoint.Resume | None, log, on_stop=None):
+        self.name, self.cfg, self.out, self.resume, self.log = name, cfg, Path(cfg.output), resume, log
+        self.losses, self.stopped_at, self.model, self.on_stop = [], None, None, on_stop
+
+    def start(self, model, manifest, layout: dict, main: bool) -> int:
+        """The resumed checkpoint loaded into `model`, train_config.json written; returns the first step."""
+        self.model = model
+        self.start_step, self.counters = checkpoint.restore(self.resume, model, self.cfg.weight_decay, self.log)
+        self.run = checkpoint.run_record(self.cfg, model.resolved, manifest, self.resume)
+        self.layout = {**layout, "run": self.run}
+        if main:  # --output exists: its lock is in it
+            write_json_atomic(self.out / "train_config.json", self.run)
+            checkpoint.truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+        return self.start_step
+
+    def open_logs(self, files: contextlib.ExitStack, main: bool) -> None:
+        """metrics.jsonl (appended to: a resume truncated it at its checkpoint) and the tracker, on rank 0."""
+        self.metrics = files.enter_context(open(self.out / "metrics.jsonl" if main else os.devnull, "a"))
+        self.tracker = files.enter_context(MetricsLogger(self.cfg.report_to if main else "none", self.out,
+                                                         self.start_step))
+
+    def record(self, step: int, result: dict, row: dict, validator, resolution: int, main: bool, watch) -> None:
+        """Step `step`'s metrics row (validation images at --validate-every, each cache's loss), its counters, its
+        checkpoint; `watch` (stages/budget.py) stops a run whose measured memory is over --vram-budget."""
+        cfg, counters = self.cfg, self.counters
+        counters["skipped_steps"] += result["skipped"]
+        counters["bad_in_a_row"] = counters["bad_in_a_row"] + 1 if result["bad"] else 0
+        row = {"step": step + 1, **{k: result[k] for k in ("loss", "lr", "grad_norm", "skipped")}, **row}
+        if self.resume and self.resume.changes and step == self.start_step:  # the first step with the changed settings
+            row["resume_changes"] = self.resume.changes
+        if validator and (step + 1) % cfg.validate_every == 0:
+            mixed = self.model.mixed
+            with self.model.final_weights(), mixed.only(self.model.adapter) if mixed else contextlib.nullcontext():
+                row.update(validator(self.model.unet, self.model.noise_scheduler, step + 1, self.out, resolution))
+        row.update(self.model.recipe.cache_loss_row())  # several caches: each one's loss
+        watch.check(row, step + 1 - self.start_step)  # --vram-budget: the first steps' and validations' measured peaks
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        self.tracker.log(step + 1, row)
+        if math.isfinite(result["loss"]):
+            self.losses.append(result["loss"])
+        if counters["bad_in_a_row"] >= cfg.max_bad_steps:
+            message = (f"stopped: {counters['bad_in_a_row']} non-finite steps in a row at step {step + 1} "
+                       "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
+            if self.name is None:
+                raise UserError(message)
+            self.stopped_at = step + 1
+            if main:
+                self.on_stop()
+            self.log(f"{self.name}: {message}; the other members go on")
+        elif main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            save_training_checkpoint(self.model, self.out, step + 1, counters, self.layout,
+                                     cfg.kohya_name if cfg.kohya_file else None, cfg.checkpoints_total_limit)
+
+    def finish(self, manifest, seconds: float, peak_gib: float | None, main: bool) -> dict:
+        """The final LoRA files and last checkpoint, the summary logged, the model card and loss.png."""
+        cfg, out, model, log = self.cfg, self.out, self.model, self.log
+        if main:
+            save_final_lora(model, out, cfg.kohya_name, cfg.save_dtype, cfg.kohya_file, log)  # the EMA if kept, …_raw beside
+            if cfg.checkpoint_every:
+                save_training_checkpoint(model, out, cfg.max_steps, self.counters, self.layout,
+                                         cfg.kohya_name if cfg.kohya_file else None, cfg.checkpoints_total_limit)
+        last = self.losses[-10:]
+        summary = {
+            "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - self.start_step,
+            "final_loss": sum(last) / max(len(last), 1) if last else float("nan"),
+            "seconds": seconds, "skipped_steps": self.counters["skipped_steps"],
+            "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
+            "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
+        }
+        log((f"{self.name}: " if self.name else "") + f"trained {plural(summary['trained_steps'], 'step')} in "
+            f"{summary['seconds']:.1f} s; final loss {summary['final_loss']:.4f} (mean of the last "
+            f"{plural(len(last), 'step')})"
+            + (f"; peak GPU memory {summary['peak_gib']:.2f} GiB" if summary["peak_gib"] is not None else "")
+            + (f"; {summary['skipped_steps']} non-finite step(s) skipped" if summary["skipped_steps"] else "")
+            + f" -> {out / LORA_WEIGHTS_NAME}")
+        if main:
+            card = write_model_card(out, self.run, manifest, summary)
+            plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", log)
+            log(f"model card -> {card}" + (f"; loss curve -> {out / 'loss.png'}" if plotted else ""))
+        return summary
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]], manifest, world: int,
+                  held: contextlib.ExitStack, log) -> list[Member]:
+    """Every member's --output claimed (checkpoint.claim_output: lock, resume plan, earlier outputs) before any model
+    loads; a sweep also locks OUTPUT and refuses an earlier sweep there without --resume / --overwrite. On resume,
+    members recorded as stopped in sweep.json stay stopped; the others must resume from one step."""
+    if not cfg.sweep:
+        return [Member(None, cfg, checkpoint.claim_output(Path(cfg.output), cfg, manifest, world, held, log), log)]
+    out = Path(cfg.output)
+    check_output_folder(str(out), "--output")
+    if cfg.resume not in (None, "latest"):
+        raise UserError(f"--resume {cfg.resume} with --sweep: pass --resume latest (every member resumes its newest "
+                        "checkpoint)")
+    held.enter_context(distributed.on_main(lock_folder, out, "train", log) or contextlib.nullcontext())
+    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else None
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} holds an earlier sweep ({SWEEP_NAME}); pass --resume latest to continue it, or "
+                        "--overwrite to start over")
+    distributed.on_main(checkpoint.prepare_output, out, cfg.overwrite, None)  # a single run's outputs: refused / removed
+    if cfg.overwrite:
+        for name in (SWEEP_NAME, "sweep.png"):
+            (out / name).unlink(missing_ok=True)
+    stopped = {m["name"] for m in (earlier or {}).get("members", []) if m.get("stopped_at") and cfg.resume}
+    claimed = []
+    for name, member_cfg in members:
+        if name in stopped:
+            log(f"{name}: stopped in the earlier run (see {SWEEP_NAME}); not resumed")
+            continue
+        claimed.append(Member(name, member_cfg, checkpoint.claim_output(Path(member_cfg.output), member_cfg, manifest,
+                                                                        world, held, log), log,
+                              on_stop=lambda: write_stops(out, claimed)))
+    steps = {m.name: m.resume.step if m.resume else 0 for m in claimed}
+    if len(set(steps.values())) > 1:
+        raise UserError("--resume latest: the members' newest checkpoints are at different steps ("
+                        + ", ".join(f"{n}: {s}" for n, s in steps.items()) + "); move the newer ones away so that "
+                        "every member resumes from one step")
+    if not claimed:
+        raise UserError(f"--resume latest: every member of the sweep in {out} has stopped; nothing to train")
+    return claimed
+
+
+def write_stops(out: Path, members: list[Member]) -> None:
+    """OUTPUT/sweep.json with the members stopped so far (finish_sweep completes it), so that a resume of an
+    interrupted sweep leaves them stopped."""
+    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {"members": []}
+    rows = {r["name"]: r for r in earlier["members"]}
+    rows.update({m.name: {"name": m.name, "output": str(m.out), "stopped_at": m.stopped_at}
+                 for m in members if m.stopped_at is not None})
+    write_json_atomic(out / SWEEP_NAME, {**earlier, "members": list(rows.values())})
+
+
+def check_not_all_stopped(members: list[Member]) -> None:
+    if all(m.stopped_at is not None for m in members):
+        raise UserError("stopped: every member of the sweep had too many non-finite steps in a row (see above); "
+                        "checkpoints are intact")
+
+
+def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict | None], main: bool, log) -> dict:
+    """OUTPUT/sweep.json (each member's settings, final loss, or the step it stopped at; members stopped in an
+    earlier run kept), OUTPUT/sweep.png, and the members ranked by final loss; returns the sweep's summary."""
+    out, swept = Path(cfg.output), [name for group in sweep_values(cfg.sweep) for name, _ in group]
+    rows = [{"name": m.name, "output": str(m.out), "settings": {k: getattr(m.cfg, k) for k in swept},
+             **({"final_loss": s["final_loss"], "steps": s["steps"], "seconds": s["seconds"],
+                 "skipped_steps": s["skipped_steps"]} if s else {"stopped_at": m.stopped_at})}
+            for m, s in zip(members, summaries)]
+    if not main:
+        return {"output": str(out), "members": rows}
+    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {}
+    names = {r["name"] for r in rows}
+    rows += [r for r in earlier.get("members", []) if r["name"] not in names]  # stopped before this resume
+    rank = sorted(rows, key=lambda r: (r.get("final_loss") is None or not math.isfinite(r["final_loss"]),
+                                       r.get("final_loss") or 0.0))
+    write_json_atomic(out / SWEEP_NAME, {"sweep": list(cfg.sweep), "ranked_by": "final_loss", "members": rank})
+    plot_losses({r["name"]: Path(r["output"]) / "metrics.jsonl" for r in rank}, out / "sweep.png", log)
+    width = max(len(r["name"]) for r in rank)
+    log(f"sweep of {plural(len(rank), 'member')}, ranked by final loss (mean of the last 10 steps):")
+    for i, r in enumerate(rank, 1):
+        result = f"{r['final_loss']:.4f}" if "final_loss" in r else f"stopped at step {r['stopped_at']}"
+        log(f"  {i:>3}  {r['name']:<{width}}  {result}")
+    log(f"-> {out / SWEEP_NAME}, {out / 'sweep.png'}")
+    return {"output": str(out), "members": rank}
+

@@ -1,0 +1,151 @@
+"""`train --sweep`: K LoRAs from one pass over the cache, each exactly the LoRA of a single run with its settings."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from stages.config import TrainConfig, sweep_members
+from stages.errors import UserError
+from stages.lora import LORA_WEIGHTS_NAME
+from stages.train import train
+
+QUIET = {"log": lambda *a, **k: None}
+# three members varying the learning rate, the rank and the offset noise together (one --sweep: zipped). Learning
+# rates of real training: Adam turns the batched base's float rounding (~1e-7) into update differences where a
+# gradient is near its eps, in proportion to the learning rate (at 1e-2 the tiny model's LoRAs differ by ~6e-5; the
+# batched forward itself differs from a single one by ~1e-6 on the CPU, whatever the adapters).
+SWEEP = "learning_rate=2e-3,1e-3,5e-4 rank=2,4,3 noise_offset=0,0.1,0.05"
+
+
+def config(cache, output, **overrides) -> TrainConfig:
+    kw = dict(cache=str(cache), output=str(output), max_steps=4, batch_size=2, grad_accum=2, warmup_steps=1, alpha=4.0,
+              checkpoint_every=2, num_workers=0, device="cpu", lr_scheduler="cosine", weight_decay=0.1)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def lora(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / LORA_WEIGHTS_NAME))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, fp32_cache):
+    out = tmp_path_factory.mktemp("sweep") / "runs"
+    return out, train(config(fp32_cache, out, sweep=(SWEEP,)), **QUIET)
+
+
+def test_each_member_is_the_single_run_with_its_settings(sweep, fp32_cache, tmp_path):
+    out, summary = sweep
+    members = sweep_members(config(fp32_cache, out, sweep=(SWEEP,)))
+    assert [m["name"] for m in sorted(summary["members"], key=lambda m: m["name"])] == sorted(n for n, _ in members)
+    for name, member in members:
+        single = train(config(fp32_cache, tmp_path / name, learning_rate=member.learning_rate, rank=member.rank,
+                              noise_offset=member.noise_offset, checkpoint_every=0), **QUIET)
+        got, want = lora(out / name), lora(tmp_path / name)
+        assert got.keys() == want.keys()
+        diff = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert diff <= 1e-5, (name, diff)
+        assert max(want[k].abs().max().item() for k in want if "lora_B" in k) > 50 * 1e-5, name  # it did train
+        with safe_open(str(out / name / LORA_WEIGHTS_NAME), "pt") as a, safe_open(str(tmp_path / name / LORA_WEIGHTS_NAME), "pt") as b:
+            assert a.metadata() == b.metadata()  # alpha, rank, target modules: the single run's
+        recorded = json.loads((out / name / "train_config.json").read_text())
+        assert (recorded["learning_rate"], recorded["rank"], recorded["noise_offset"]) == \
+            (member.learning_rate, member.rank, member.noise_offset) and recorded["sweep"] == []
+        losses = [json.loads(line)["loss"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        want_losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-7)
+        assert single["final_loss"] == pytest.approx(next(m["final_loss"] for m in summary["members"] if m["name"] == name), rel=1e-5)
+        for f in ("loss.png", "README.md", f"{name}.safetensors", "checkpoint-2", "checkpoint-4"):
+            assert (out / name / f).exists(), f
+
+
+def test_sweep_json_ranks_members_and_the_png_overlays_them(sweep):
+    out, summary = sweep
+    saved = json.loads((out / "sweep.json").read_text())
+    losses = [m["final_loss"] for m in saved["members"]]
+    assert losses == sorted(losses) and len(losses) == 3 and saved["sweep"] == [SWEEP]
+    assert saved["members"][0]["settings"].keys() == {"learning_rate", "rank", "noise_offset"}
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_resume_latest_of_a_sweep_is_bit_identical(sweep, fp32_cache, tmp_path):
+    out, _ = sweep
+    resumed = tmp_path / "runs"
+    shutil.copytree(out, resumed)
+    for member in resumed.iterdir():
+        if member.is_dir():
+            for name in (LORA_WEIGHTS_NAME, f"{member.name}.safetensors", "README.md", "loss.png"):
+                (member / name).unlink()
+            shutil.rmtree(member / "checkpoint-4")
+    (resumed / "sweep.json").unlink()
+    train(config(fp32_cache, resumed, sweep=(SWEEP,), resume="latest"), **QUIET)
+    for member in out.iterdir():
+        if member.is_dir():
+            a, b = lora(member), lora(resumed / member.name)
+            assert all(torch.equal(a[k], b[k]) for k in a), member.name
+
+
+def test_a_diverging_member_stops_alone_and_members_may_adapt_other_modules(fp32_cache, tmp_path):
+    logged, bad = [], "learning_rate=1e30,target_modules=attn"
+
+    def log(line):  # when the member stops, sweep.json records it at once: a resume of the sweep leaves it stopped
+        if f"{bad}: stopped" in line:
+            logged.append(json.loads((tmp_path / "runs" / "sweep.json").read_text())["members"])
+        logged.append(line)
+    summary = train(config(fp32_cache, tmp_path / "runs", checkpoint_every=0, max_bad_steps=1,
+                           sweep=("learning_rate=1e-3,1e30,5e-4 target_modules=to_q,to_v;attn;attn",)), log=log)
+    assert [m["name"] for m in next(x for x in logged if isinstance(x, list))] == [bad]
+    by_name = {m["name"]: m for m in summary["members"]}
+    assert by_name[bad]["stopped_at"] < 4 and [m.get("steps") for m in summary["members"]] == [4, 4, None]
+    assert not (tmp_path / "runs" / bad / LORA_WEIGHTS_NAME).exists()
+    assert any(f"{bad}: stopped" in line and "the other members go on" in line for line in logged)
+    # to_q and to_v hold every member's adapter (one batched matmul pair), to_k and to_out.0 only two
+    for lr, targets in (("1e-3", "to_q,to_v"), ("5e-4", "attn")):
+        name = f"learning_rate={lr},target_modules={targets}"
+        train(config(fp32_cache, tmp_path / name, checkpoint_every=0, learning_rate=float(lr), target_modules=targets),
+              **QUIET)
+        got, want = lora(tmp_path / "runs" / name), lora(tmp_path / name)
+        assert got.keys() == want.keys() and any("to_k" in k for k in got) == (targets == "attn")  # its own modules
+        assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5  # its rows never met the NaNs
+
+
+def test_what_cannot_be_swept_is_one_line_that_lists_what_can(cli, fp32_cache, tmp_path):
+    result = cli("train", "--cache", fp32_cache, "--output", tmp_path / "o", "--sweep", "batch_size=1,2", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "--sweep batch_size: not sweepable" in lines[0] and "learning_rate, rank, alpha" in lines[0]
+    with pytest.raises(UserError, match="lora-type loha cannot share a batched forward"):
+        sweep_members(config(fp32_cache, tmp_path, lora_type="loha", sweep=("learning_rate=1e-3,1e-4",)))
+
+
+def test_member_folder_names_are_file_system_safe(tmp_path):
+    members = sweep_members(TrainConfig(output=str(tmp_path), sweep=("rank_pattern=to_k=8;mid_block.*=2",
+                                                                    "target_modules=to_q/x")))
+    names = [n for n, _ in members]
+    assert names == ["rank_pattern=to_k=8,target_modules=to_q_x", "rank_pattern=mid_block._=2,target_modules=to_q_x"]
+    assert all(Path(c.output).parent == tmp_path for _, c in members)
+
+
+def test_validation_renders_each_members_own_images(tmp_path, tiny_model, image_folder):
+    import numpy as np
+    from PIL import Image
+
+    from stages.encode import encode
+    from tests.conftest import encode_config
+    cache = tmp_path / "cache"
+    encode(encode_config(tiny_model, image_folder, cache, validation_prompt=("a red circle",)), **QUIET)
+    options = dict(max_steps=2, checkpoint_every=0, validate_every=2, validation_steps=2)
+    train(config(cache, tmp_path / "runs", sweep=("learning_rate=1e-2,1e-4",), **options), **QUIET)
+    train(config(cache, tmp_path / "single", learning_rate=1e-2, **options), **QUIET)
+
+    def image(folder):
+        return np.asarray(Image.open(folder / "samples" / "step-00002.png"), dtype=np.int16)
+    fast, slow = image(tmp_path / "runs" / "learning_rate=1e-2"), image(tmp_path / "runs" / "learning_rate=1e-4")
+    assert np.abs(fast - image(tmp_path / "single")).max() <= 2  # its own adapter alone, as the single run renders
+    assert np.abs(fast - slow).max() > 2
