@@ -151,7 +151,7 @@ def run_demo(workdir: str | Path | None = None, steps: int = DEMO_STEPS, images:
     n = len(prompts)
     scores = {"base": style_scores(written[n:2 * n]), "lora": style_scores(written[:n])}  # sample: LoRA, base, grid
     log("\nstyle score = share of dark outline pixels (no channel above "
-        f"{INK_MAX_CHANNEL}/255); the style set scores about 0.1, the base model's scenes 0:")
+        f"{INK_MAX_CHANNEL}/255); the style set's images score 0.07 on average, plain scenes 0:")
     log(f"  {'base':>6s} {'+ LoRA':>6s}  held-out prompt")
     for base, tuned, prompt in zip(scores["base"], scores["lora"], prompts):
         log(f"  {base:6.3f} {tuned:6.3f}  {prompt}")
