@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from stages.config import (CHECKS, RUN_RECORD_EXTRAS, BenchConfig, EncodeConfig, ExportConfig, SampleConfig,
-                           TrainConfig, flag_name)
+from stages.config import (CHECKS, DEMO_STEPS, RUN_RECORD_EXTRAS, BenchConfig, EncodeConfig, ExportConfig,
+                           SampleConfig, TrainConfig, flag_name)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -407,12 +407,13 @@ def sample(prompts_file, **kwargs):
 @cli.command()
 @config_file
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to put the demo's model, images, cache, LoRA and samples: a new or empty folder, or an earlier "
+              help="Where to put the demo's style images, cache, LoRA and samples: a new or empty folder, or an earlier "
                    "demo's, whose outputs it replaces (default: sdxl-lora-demo-USER in the system's temporary folder).")
-@click.option("--steps", default=30, show_default=True, callback=range_check("positive"), help="Training steps.")
+@click.option("--steps", default=DEMO_STEPS, show_default=True, callback=range_check("positive"),
+              help="Training steps of the demo's LoRA.")
 @run_stage
 def demo(workdir, steps):
-    """End to end on CPU in about a minute: tiny model, generated images, encode, train, before/after."""
+    """The demo model learns a style, on CPU in about two minutes: style set, encode, train, base vs + LoRA, scores."""
     from stages.demo import run_demo
     run_demo(workdir, steps=steps, log=click.echo)
 

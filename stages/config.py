@@ -19,6 +19,7 @@ from stages.errors import UserError
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 RANDOM_SDXL = "random:sdxl"  # the full-size SDXL UNet architecture with random weights (benchmarks)
 DEMO_MODEL = "demo"  # the small pretrained SDXL-architecture model shipped in stages/demo_model/ (./demo: a folder)
+DEMO_STEPS = 600  # `demo --steps`: the demo LoRA's training steps (stages/demo.py says how they were chosen)
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
 DEFAULT_CACHE = "./sdxl-cache"  # not ./cache: run from the repository root, that is the cache/ source package
 

@@ -96,7 +96,7 @@ def lora_ranks(path: Path) -> set[int]:
 
 # 1. `demo --workdir DIR` replaced DIR/cache and deleted DIR/lora's checkpoints.
 def test_1_demo_refuses_a_workdir_holding_what_it_did_not_create(tmp_path, fp32_cache):
-    from stages.demo import DEMO_MARKER, DEMO_PARTS, check_workdir
+    from stages.demo import DEMO_MARKER, DEMO_PARTS, EARLIER_PARTS, check_workdir
     from stages.errors import UserError
     work = tmp_path / "work"
     shutil.copytree(fp32_cache, work / "cache")
@@ -107,8 +107,8 @@ def test_1_demo_refuses_a_workdir_holding_what_it_did_not_create(tmp_path, fp32_
     assert "holds cache, lora, which the demo did not create" in line
     assert tree(work) == before and not (work / DEMO_MARKER).exists()
 
-    own = tmp_path / "own"  # an earlier demo's workdir is the demo's to replace; anything else in it is not
-    for name in DEMO_PARTS.values():
+    own = tmp_path / "own"  # an earlier demo's workdir (an older demo's too) is the demo's to replace; nothing else
+    for name in (*DEMO_PARTS.values(), *EARLIER_PARTS):
         (own / name).mkdir(parents=True)
     (own / DEMO_MARKER).write_text("")
     check_workdir(own)
