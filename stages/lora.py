@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from cache.files import atomic_path
 from stages.config import LORA_TYPES
@@ -89,8 +90,8 @@ class MixedBatch:
     contiguous blocks of rows), and replica k goes through adapter k only. peft's own mixed-batch forward
     (`adapter_names`) picks rows with Python index lists, a host-to-device copy that a CUDA graph cannot capture;
     here each peft LoRA layer runs its base layer alone (no adapter active) and a forward hook adds every adapter's
-    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling (adapters of
-    one rank and scaling: as one pair of batched matmuls). Plain LoRA only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
+    term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling (adapters
+    without dropout on a Linear layer: as one pair of batched matmuls, ranks padded to the largest). Plain LoRA only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
     recomputation in backward routes alike."""
 
     def __init__(self, unet, adapters: list[str], params: list[torch.nn.Parameter]):
@@ -109,10 +110,17 @@ class MixedBatch:
             raise RuntimeError(f"a batch of {output.shape[0]} rows is no set of {len(blocks)} replicas: route() it, or "
                                "forward inside only(adapter)")
         if self._stackable(layer):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
-            A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
-            B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
-            xk = layer._cast_input_dtype(x, A.dtype).reshape(len(blocks), -1, x.shape[-1])
-            term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * layer.scaling[blocks[0]]
+            xk = layer._cast_input_dtype(x, layer.lora_A[blocks[0]].weight.dtype).reshape(len(blocks), -1, x.shape[-1])
+            ranks, scalings = [layer.r[a] for a in blocks], [layer.scaling[a] for a in blocks]
+            if len(set(ranks)) == 1 and len(set(scalings)) == 1:
+                A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
+                B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
+                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * scalings[0]
+            else:  # ranks padded with zeros to the largest (exact: the padding adds zero products), scaling in B
+                r = max(ranks)
+                A = torch.stack([F.pad(layer.lora_A[a].weight, (0, 0, 0, r - k)) for a, k in zip(blocks, ranks)])
+                B = torch.stack([F.pad(layer.lora_B[a].weight * s, (0, r - k)) for a, k, s in zip(blocks, ranks, scalings)])
+                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2))
             output += term.reshape(output.shape).to(output.dtype)
             return output
         rows = output.shape[0] // len(blocks)
@@ -124,12 +132,11 @@ class MixedBatch:
         return output
 
     def _stackable(self, layer) -> bool:
-        """Every block's adapter on this Linear layer, of one rank and one scaling, without dropout (the common sweep
-        of learning rates, optimizers, losses): their terms are one pair of batched matmuls instead of K pairs."""
+        """Every block's adapter on this Linear layer, without dropout (a sweep of learning rates, optimizers, losses,
+        ranks, alphas): their terms are one pair of batched matmuls instead of K pairs (ranks padded to the largest)."""
         blocks = self.blocks
         return (len(blocks) > 1 and all(a in layer.lora_A for a in blocks)
                 and all(isinstance(layer.lora_A[a], torch.nn.Linear) for a in blocks)
-                and len({(layer.r[a], layer.scaling[a]) for a in blocks}) == 1
                 and all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in blocks))
 
     def route(self, adapters: list[str]) -> None:

@@ -2,7 +2,7 @@
 
     CacheReader -> cache/sampler.py's order (seed, position) -> micro-batches on the device
       -> training_step: per micro-batch the random draws (draw_inputs) and forward + backward
-         (diffusion_loss; one CUDA graph replay on a GPU), then clip and step the optimizer over the flat LoRA
+         (diffusion_losses; one CUDA graph replay on a GPU), then clip and step the optimizer over the flat LoRA
       -> checkpoint-N/ (stages/checkpoint.py) -> pytorch_lora_weights.safetensors + OUTPUT/<name>.safetensors (kohya)
 
 Every random draw is a pure function of (seed, position): the epoch order, the per-sample flip, the latent
@@ -80,17 +80,12 @@ def diffusion_losses(unet, noise_schedulers: list, xs: list[dict[str, torch.Tens
             for pred, target, x, recipe in zip(model_pred.chunk(len(xs)), targets, xs, recipes)]
 
 
-def diffusion_loss(unet, noise_scheduler, x: dict[str, torch.Tensor], recipe: Recipe) -> torch.Tensor:
-    """The diffusion loss of one micro-batch from draw_inputs' tensors: device work only (CUDA-graph safe)."""
-    return diffusion_losses(unet, [noise_scheduler], [x], [recipe])[0]
-
-
 def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator,
                  rank_slice: tuple[int, int] | None = None, recipe: Recipe | None = None) -> torch.Tensor:
     """The diffusion loss of one micro-batch of cached inputs, draws included (the eager path, in one call)."""
     recipe = recipe or Recipe()
     x = draw_inputs(batch, noise_scheduler.config.num_train_timesteps, generator, recipe, noise_scheduler, rank_slice)
-    return diffusion_loss(unet, noise_scheduler, x, recipe)
+    return diffusion_losses(unet, [noise_scheduler], [x], [recipe])[0]
 
 
 def forward_backward(models: dict[str, "Model"], net, xs: dict[str, dict], accum: int) -> None:
@@ -123,22 +118,25 @@ def training_step(model: "Model | list[Model]", micro: list[dict], step: int, cf
         # DDP all-reduces the accumulated gradients once, in the last micro-batch's backward
         with net.no_sync() if first.ddp is not None and i < len(micro) - 1 else contextlib.nullcontext():
             forward_backward({m.adapter: m for m in models}, net, xs, len(micro)) if first.graphs is None else first.graphs(xs)
-    results = [optimizer_step(m, len(micro)) for m in models]
+    values = torch.stack([v.float() for m in models for v in clip_gradients(m, len(micro))]).tolist()  # one host sync
+    results = [optimizer_step(m, *values[2 * k:2 * k + 2]) for k, m in enumerate(models)]
     return results if isinstance(model, list) else results[0]
 
 
-def optimizer_step(model: "Model", accum: int) -> dict:
-    """Clip the accumulated gradients, step the optimizer (or skip the step if non-finite), zero the gradients."""
+def clip_gradients(model: "Model", accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's mean loss and the accumulated gradients' norm (device tensors), the gradients clipped."""
     loss = model.loss_sum / accum
     if model.ddp is not None:
         loss = distributed.mean_across_ranks(loss)  # the global mean: every rank logs and skips alike
     model.scaler.unscale_(model.optimizer)
     # flat tensors on a GPU (a few launches); per tensor on the CPU, whose fp32 norm of one long vector is less exact
     clipped = model.flat.flat_params if model.device.type == "cuda" else model.flat.params
-    grad_norm = torch.nn.utils.clip_grad_norm_(clipped, model.max_grad_norm)
-    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the step's one host sync
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if finite:
+    return loss, torch.nn.utils.clip_grad_norm_(clipped, model.max_grad_norm)
+
+
+def optimizer_step(model: "Model", loss_value: float, norm_value: float) -> dict:
+    """Step the optimizer over the clipped gradients (or skip the step if non-finite), zero the gradients."""
+    if finite := math.isfinite(loss_value) and math.isfinite(norm_value):
         model.scaler.step(model.optimizer)
     model.scaler.update()  # with fp16, an overflow lowers the scale; otherwise a no-op
     if model.ema is not None:
