@@ -142,7 +142,7 @@ class CudaGraphs:
     def __init__(self, fn, state: list[torch.Tensor], log):
         self.fn, self.state, self.log = fn, state, log
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, dict]]] = {}
-        self.pool = None
+        self.pool, self.side = None, None
         self.failed: str | None = None
 
     def __call__(self, inputs: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -170,7 +170,7 @@ class CudaGraphs:
         static = {adapter: {k: v.clone() for k, v in x.items()} for adapter, x in inputs.items()}
         saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak
         try:
-            side = torch.cuda.Stream()
+            side = self.side = self.side or torch.cuda.Stream()  # one: each stream keeps its own cuBLAS workspace
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.WARMUP):

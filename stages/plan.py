@@ -200,7 +200,10 @@ def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False, valid
     activations = c.members * c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
     train = (weights_gib(c) + lora + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
              + (GRAPH_GIB if graphs else 0))
-    return max(train, weights_gib(c) + lora + _at_resolution(VALIDATION_GIB, resolution)) if validation else train
+    if not validation:
+        return train
+    render = _at_resolution(VALIDATION_GIB, resolution)  # a CUDA graph's memory pool stays reserved beside it
+    return train + render if graphs else max(train, weights_gib(c) + lora + render)
 
 
 def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
