@@ -200,10 +200,8 @@ def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False, valid
     activations = c.members * c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
     train = (weights_gib(c) + lora + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
              + (GRAPH_GIB if graphs else 0))
-    if not validation:
-        return train
-    render = _at_resolution(VALIDATION_GIB, resolution)  # a CUDA graph's memory pool stays reserved beside it
-    return train + render if graphs else max(train, weights_gib(c) + lora + render)
+    # with CUDA graphs, validation that does not fit beside their pool releases it (stages/sweep.py: validate)
+    return max(train, weights_gib(c) + lora + _at_resolution(VALIDATION_GIB, resolution)) if validation else train
 
 
 def micro_batch_s(c: Candidate, resolution: int, graphs: bool = False) -> float:
