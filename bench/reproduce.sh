@@ -275,9 +275,9 @@ buckets)  # 'Buckets end to end on the GPU'
   python3 -c 'import json, sys; print("   grad norms", [round(json.loads(l)["grad_norm"], 4) for l in open(sys.argv[1] + "/metrics.jsonl")])' "$dir/train"
   ;;
 stream)  # 'The memory floor' (issue #21): streamed blocks, 2 resident, per base format; eager, short runs
-  for w in nf4 fp8 int8 bf16; do bench "s512_$w" --base-weights $w --stream-blocks 2 --steps 3 --warmup 1; done
-  for w in nf4 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1; done
-  bench nf4_eager --base-weights nf4 --cuda-graphs off --steps 3 --warmup 1
+  for w in nf4 fp8 int8 bf16; do bench "s512_$w" --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
+  for w in nf4 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
+  bench nf4_eager --base-weights nf4 --cuda-graphs off --steps 3 --warmup 1 --profile-steps 0
   ;;
 stream-budget)  # 'The memory floor': --vram-budget at 1024² with validation (2 prompts, 4 steps) every 3 steps
   cache "$dir/c1024" 16 1024 2

@@ -107,7 +107,7 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
     from stages.train import setup_models, train_batches, training_step
 
     total = cfg.warmup + cfg.steps
-    profiled = PROFILED_STEPS if device.type == "cuda" else 0  # after the timed steps: where the time goes
+    profiled = cfg.profile_steps if device.type == "cuda" else 0  # after the timed steps: where the time goes
     tcfg = TrainConfig(model=cfg.model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
                        gradient_checkpointing=cfg.gradient_checkpointing, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, max_steps=total + profiled, warmup_steps=0, optimizer=cfg.optimizer,
@@ -206,7 +206,6 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
     return row
 
 
-PROFILED_STEPS = 2
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
 
 

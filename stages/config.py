@@ -543,6 +543,7 @@ class BenchConfig:
     stream_blocks: str = same_as_train("stream_blocks")
     steps: int = opt(10, "Timed optimizer steps.", check="positive")
     warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
+    profile_steps: int = opt(2, "Optimizer steps traced by torch.profiler after the timed ones, on CUDA (host vs GPU time per step); 0 skips the trace (eager and streamed steps trace slowly).", check="non_negative")
     sweep: int = opt(1, "Also run a `train --sweep` of this many learning rates (the optimizer's default, halved member by member) beside the single run: total adapter-images/s and peak memory of both.", check="positive")
     sweep_ranks: str | None = opt(None, "With --sweep: also sweep these ranks, e.g. 4,8,16,32 (the cross product with the learning rates).")
     baseline: bool = opt(False, "Also run the reference recipe at the same effective batch (all FP32, VAE + text encoders on the GPU encoding every step, checkpointing, micro-batch 1, 8-bit AdamW) for a side-by-side ratio.")

@@ -157,6 +157,15 @@ class CudaGraphs:
                 static[adapter][name].copy_(value, non_blocking=True)
         graph.replay()
 
+    def release(self) -> bool:
+        """Drop every captured graph and give their memory pool back to the device (validation that does not fit
+        beside it); each shape is captured again when next seen. False if there was nothing to release."""
+        if not self.graphs:
+            return False
+        self.graphs, self.pool = {}, None
+        torch.cuda.empty_cache()
+        return True
+
     def _capture(self, key: tuple, inputs: dict[str, dict[str, torch.Tensor]]) -> bool:
         static = {adapter: {k: v.clone() for k, v in x.items()} for adapter, x in inputs.items()}
         saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak

@@ -101,9 +101,10 @@ class Candidate:
     stream_blocks: int = 0  # resident blocks of the streamed frozen UNet; 0: not streamed
     members: int = 1   # a sweep's adapters: each adds its LoRA state, and its replica of every micro-batch
 
-    def describe(self) -> str:
+    def describe(self, graphs: bool = False) -> str:  # graphs: unstreamed candidates replay CUDA graphs
         ckpt = "checkpointing" if self.gradient_checkpointing else "no checkpointing"
-        mode = "regional compile" if self.compile == "regional" else "eager"
+        mode = ("regional compile" if self.compile == "regional" else "CUDA graphs" if graphs and not self.stream_blocks
+                else "eager")
         stream = f", {self.stream_blocks} blocks streamed" if self.stream_blocks else ""
         return (f"{self.base_weights} weights{stream}, {ckpt}, {self.optimizer}, {mode}, "
                 f"micro-batch {self.batch_size} × grad-accum {self.grad_accum}"
@@ -283,14 +284,14 @@ def plan(budget_bytes: int, resolution: int, effective_batch: int, table: list[d
     if not fits:
         _, peak, c, _ = min(scored, key=lambda s: s[1])
         raise UserError(f"--vram-budget {budget:.2f} GiB: no configuration fits at {where}; the smallest, "
-                        f"{c.describe()}, peaks at ~{peak:.2f} GiB ({needed_gib(peak):.2f} GiB with the safety margin)")
+                        f"{c.describe(allowed.cuda_graphs)}, peaks at ~{peak:.2f} GiB ({needed_gib(peak):.2f} GiB with the safety margin)")
     near = [s for s in fits if s[0] <= fits[0][0] * (1 + NEAR_TIE)]
     run_s, peak, choice, est = min(near, key=lambda s: s[1])
     over = [s for s in scored if s[0] < run_s and needed_gib(s[1]) > budget]  # faster, but too big
     shown = over[:1] + [s for s in sorted(over, key=lambda s: s[1])[:2] if s is not over[0]]  # fastest, nearest misses
-    lines = [f"--vram-budget {budget:.2f} GiB at {where}: chose {choice.describe()}: ~{est.images_per_s:.2f} img/s, "
+    lines = [f"--vram-budget {budget:.2f} GiB at {where}: chose {choice.describe(allowed.cuda_graphs)}: ~{est.images_per_s:.2f} img/s, "
              f"peak ~{peak:.2f} GiB ({needed_gib(peak):.2f} GiB with the safety margin; {est.source})"]
-    lines += [f"  rejected {c.describe()}: ~{e.images_per_s:.2f} img/s but needs ~{needed_gib(p):.1f} GiB"
+    lines += [f"  rejected {c.describe(allowed.cuda_graphs)}: ~{e.images_per_s:.2f} img/s but needs ~{needed_gib(p):.1f} GiB"
               for _, p, c, e in shown]
     if len(over) > len(shown):
         lines.append(f"  ... and {len(over) - len(shown)} more faster configurations over the budget")
@@ -396,6 +397,6 @@ def suggest_budget(cfg, device, resolution: int) -> str | None:
     speedup = best.estimate.images_per_s / now
     if speedup < SUGGEST_SPEEDUP:
         return None
-    return (f"note: this GPU could train faster: --vram-budget {total / GIB:.0f}GiB would pick {best.choice.describe()}, "
+    return (f"note: this GPU could train faster: --vram-budget {total / GIB:.0f}GiB would pick {best.choice.describe(allowed.cuda_graphs)}, "
             f"~{best.estimate.images_per_s:.1f} img/s, an estimated {speedup:.1f}x this configuration's "
             f"~{now:.1f} img/s (same effective batch; peak ~{best.estimate.peak_gib:.1f} GiB)")

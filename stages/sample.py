@@ -191,12 +191,14 @@ def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, p
     """Render from cached embeddings with a given UNet (e.g. the one being trained): no text encoders.
 
     The negative embeddings are zeros, as SDXL's pipeline uses for an empty negative prompt
-    (force_zeros_for_empty_prompt); image i uses seed + i.
+    (force_zeros_for_empty_prompt); image i uses seed + i. The pipeline denoises without the VAE, which stays
+    where it is (the CPU during training) and visits the UNet's device only to decode each image.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config))
+    pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the latents' size, as with the VAE
     pipe.set_progress_bar_config(disable=True)
     device, dtype = unet.device, unet.dtype
     images = []
@@ -208,16 +210,26 @@ def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, p
                            negative_pooled_prompt_embeds=torch.zeros_like(pp), num_inference_steps=steps,
                            guidance_scale=guidance, height=resolution, width=resolution,
                            generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
-        images += decode(pipe, latents)
+        images += decode_on(vae, latents, device)
     return images
 
 
 @torch.no_grad()
 def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    vae = pipe.vae
-    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor
-    pixels = vae.decode(latents).sample
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
+    return decode_on(pipe.vae, latents, pipe.vae.device)
+
+
+@torch.no_grad()
+def decode_on(vae, latents: torch.Tensor, device: torch.device) -> list[Image.Image]:
+    """FP32 VAE decode of `latents` on `device` (the VAE moved there for the decode only, then back)."""
+    from diffusers.image_processor import VaeImageProcessor
+    home = vae.device
+    vae.to(device)
+    try:
+        pixels = vae.decode(latents.to(device, torch.float32) / vae.config.scaling_factor).sample
+    finally:
+        vae.to(home)
+    return VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1)).postprocess(pixels, output_type="pil")
 
 
 # Fonts for grid labels, tried in this order after Pillow's own (which covers ASCII only): DejaVu Sans covers Latin,
@@ -296,7 +308,7 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], captions: list[str]
 
 class Validator:
     """Renders validation prompts' cached embeddings with the training UNet during training (a streamed UNet
-    streams here too); the FP32 VAE waits on the CPU and visits the GPU only to render, decoding sliced and in tiles
+    streams here too); the FP32 VAE waits on the CPU and visits the GPU only to decode, sliced and in tiles
     of TILE pixels so that its memory does not grow with the resolution. `embeddings` is CacheReader.validation()."""
 
     TILE = 256  # pixels (32 latents): diffusers' tiled decode blends overlapping tiles (a quarter of a tile)
@@ -321,13 +333,11 @@ class Validator:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         unet.eval()
-        self.vae.to(device)
-        try:
+        try:  # the VAE stays on the CPU while the UNet denoises, and visits the GPU for each decode
             images = render_embeddings(unet, self.vae, noise_scheduler, self.embeddings["prompt_embeds"],
                                        self.embeddings["pooled_prompt_embeds"], resolution, self.steps,
                                        self.guidance, self.seed)
         finally:
-            self.vae.to("cpu")
             unet.train()
         (out / "samples").mkdir(parents=True, exist_ok=True)
         path = out / "samples" / f"step-{step:05d}.png"

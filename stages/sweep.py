@@ -78,7 +78,7 @@ class Member:
         if validator and (step + 1) % cfg.validate_every == 0:
             mixed = self.model.mixed
             with self.model.final_weights(), mixed.only(self.model.adapter) if mixed else contextlib.nullcontext():
-                row.update(validator(self.model.unet, self.model.noise_scheduler, step + 1, self.out, resolution))
+                row.update(validate(self.model, validator, step + 1, self.out, resolution, self.log))
         row.update(self.model.recipe.cache_loss_row())  # several caches: each one's loss
         watch.check(row, step + 1 - self.start_step)  # --vram-budget: the first steps' and validations' measured peaks
         self.metrics.write(json.dumps(row) + "\n")
@@ -265,3 +265,15 @@ def finish_sweep(cfg: TrainConfig, rows: list[dict], main: bool, log) -> dict:
         log(f"  {i:>3}  {r['name']:<{width}}  {result}")
     log(f"-> {out / SWEEP_NAME}, {out / 'sweep.png'}")
     return {"output": str(out), "members": rank}
+
+
+def validate(model, validator, step: int, out: Path, resolution: int, log) -> dict:
+    """The validation row; out of GPU memory beside the CUDA graphs' memory pool (a small card), the graphs are
+    dropped (captured again at the next step, ~1-4 s) and the images rendered in the freed memory."""
+    try:
+        return validator(model.unet, model.noise_scheduler, step, out, resolution)
+    except torch.cuda.OutOfMemoryError:
+        if not (model.graphs and model.graphs.release()):
+            raise
+    log(f"note: validation at step {step} did not fit beside the CUDA graphs' memory; they are captured again after it")
+    return validator(model.unet, model.noise_scheduler, step, out, resolution)

@@ -236,3 +236,34 @@ def test_validation_renders_each_members_own_images(tmp_path, tiny_model, image_
     fast, slow = image(tmp_path / "runs" / "learning_rate=1e-2"), image(tmp_path / "runs" / "learning_rate=1e-4")
     assert np.abs(fast - image(tmp_path / "single")).max() <= 2  # its own adapter alone, as the single run renders
     assert np.abs(fast - slow).max() > 2
+
+
+def test_validation_out_of_memory_beside_cuda_graphs_releases_them_and_renders_again():
+    from types import SimpleNamespace
+
+    from stages.sweep import validate
+    calls, logged, failing = [], [], [1]  # failing: how many renders run out of memory next
+
+    class Graphs:  # CudaGraphs.release: True when it had graphs to drop
+        released = 0
+
+        def release(self):
+            self.released += 1
+            return self.released == 1
+
+    def validator(unet, scheduler, step, out, resolution):
+        calls.append(step)
+        if failing[0]:
+            failing[0] -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"validation_image": f"samples/step-{step}.png"}
+
+    model = SimpleNamespace(unet=None, noise_scheduler=None, graphs=Graphs())
+    assert validate(model, validator, 5, Path("o"), 64, logged.append) == {"validation_image": "samples/step-5.png"}
+    assert calls == [5, 5] and model.graphs.released == 1 and "captured again" in logged[0]
+    failing[0] = 1
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to release: the error stands (train's message)
+        validate(model, validator, 6, Path("o"), 64, logged.append)
+    failing[0], model.graphs = 1, None
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        validate(model, validator, 7, Path("o"), 64, logged.append)

@@ -160,3 +160,21 @@ def test_a_sweep_captures_one_graph_for_all_members_and_each_member_matches_its_
             assert max(abs(a - b) for a, b in zip(swept, single)) <= 1e-3, member["name"]
         else:
             assert abs(swept[0] - single[0]) <= 1e-2, member["name"]
+
+
+def test_released_graphs_give_their_pool_back_and_capture_again():
+    """Validation that does not fit beside the graphs' memory pool releases them (stages/sweep.py: validate)."""
+    from stages.device import CudaGraphs
+    total = torch.zeros((), device="cuda")
+
+    def fn(inputs):  # a 256 MiB temporary: inside the graph's private pool once captured
+        total.add_((inputs["a"]["x"].repeat(64, 1) * 2).mean())
+
+    graphs, x = CudaGraphs(fn, [total], print), torch.ones(1, 2**20, device="cuda")
+    graphs({"a": {"x": x}})
+    held = torch.cuda.memory_reserved()
+    assert graphs.release() and not graphs.release()  # nothing left the second time
+    assert torch.cuda.memory_reserved() <= held - 2**28
+    graphs({"a": {"x": x}})  # captured again, replayed
+    torch.cuda.synchronize()
+    assert not graphs.failed and len(graphs.graphs) == 1 and total.item() == pytest.approx(4.0)

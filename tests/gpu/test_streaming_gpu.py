@@ -51,3 +51,23 @@ def test_bench_reports_bytes_streamed_per_step(tiny_model):
                         "--warmup", "1", "--resolution", "64")
     row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert row["stream_blocks"] == 2 and row["h2d_gib_per_step"] > 0 and row["cuda_graphs"] is False
+
+
+def test_validation_keeps_the_vae_on_the_cpu_until_it_decodes(tiny_model, tmp_path):
+    """Validation inside the budget: the FP32 VAE is on the GPU only while it decodes, never beside the denoising UNet."""
+    import torch
+
+    from stages.sample import Validator
+    from stages.sdxl import ModelSource, load_decoder_vae, load_noise_scheduler, load_unet
+    source = ModelSource(str(tiny_model))
+    unet, vae = load_unet(source, torch.float32, torch.device("cuda")), load_decoder_vae(source)
+    where = lambda: next(vae.parameters()).device.type  # noqa: E731
+    seen = []
+    unet.register_forward_pre_hook(lambda *a: seen.append(("unet", where())))
+    vae.decoder.register_forward_pre_hook(lambda *a: seen.append(("decode", where())))
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    embeddings = {"prompt_embeds": torch.randn(2, 77, unet.config.cross_attention_dim),
+                  "pooled_prompt_embeds": torch.randn(2, pooled), "prompts": ["one", "two"]}
+    row = Validator(embeddings, vae, 2, 5.0, 0)(unet, load_noise_scheduler(source), 1, tmp_path, 64)
+    assert {d for w, d in seen if w == "unet"} == {"cpu"} and {d for w, d in seen if w == "decode"} == {"cuda"}
+    assert where() == "cpu" and (tmp_path / row["validation_image"]).exists()
