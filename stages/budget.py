@@ -68,12 +68,12 @@ class MemoryWatch:
 
 
 def watch_memory(cfg, device: torch.device, resolution: int, log, members: int = 1):
-    """--vram-budget: the planned copy of the TrainConfig `cfg` (a sweep's `members` planned together) and a watch
-    that keeps it to the budget; otherwise `cfg` and a watch that only reads peaks (with one line when this card
-    could train markedly faster)."""
+    """--vram-budget: the planned copy of the TrainConfig `cfg`, a watch that keeps it to the budget, and how many of
+    a sweep's `members` train together (as many as fit: the sweep runs in rounds); otherwise `cfg`, a watch that only
+    reads peaks (with one line when this card could train markedly faster) and all the members."""
     if cfg.vram_budget:
-        cfg, budget, outside, planned, refit = fit_vram_budget(cfg, device, resolution, log, members)
-        return cfg, MemoryWatch(device, budget, outside, planned, refit)
+        cfg, budget, outside, planned, refit, together = fit_vram_budget(cfg, device, resolution, log, members)
+        return cfg, MemoryWatch(device, budget, outside, planned, refit), together
     if device.type == "cuda" and (note := suggest_budget(cfg, device, resolution)):
         log(note)
-    return cfg, MemoryWatch(device)
+    return cfg, MemoryWatch(device), members

@@ -333,33 +333,37 @@ def _allowed_here(cfg, device) -> Choices:
 def fit_vram_budget(cfg, device, resolution: int, log, members: int = 1):
     """--vram-budget: cap this process's GPU memory at cfg.vram_budget; returns (a copy of the TrainConfig `cfg` with
     the fastest configuration that fits (the reason printed), the budget and the bytes outside the allocator counted
-    against it, the plan's need in bytes (its peak with the margin), and `refit(scale)`: the flags of the fastest
-    configuration that fits if every estimate were `scale` times larger, for the stop after a measured overrun).
-    A sweep's `members` train together: when they cannot, the error says how many can."""
+    against it, the plan's need in bytes (its peak with the margin), `refit(scale)`: the flags of the fastest
+    configuration that fits if every estimate were `scale` times larger, for the stop after a measured overrun, and
+    how many of a sweep's `members` train together: all, or (one line says so) as many as fit, in rounds)."""
     from stages.device import cap_gpu_memory
     if cfg.optimizer not in Choices.optimizer:
         raise UserError(f"--vram-budget plans with adamw or adamw8bit, not --optimizer {cfg.optimizer}: drop one of the two")
     budget, outside = cap_gpu_memory(device, cfg.vram_budget, log)  # UserError off CUDA
     allowed = _allowed_here(cfg, device)
     effective = cfg.batch_size * cfg.grad_accum
+
+    def fitted(together: int, budget: int = budget) -> Plan:
+        return plan(budget, resolution, effective, allowed=allowed, max_steps=cfg.max_steps, members=together)
     try:
-        chosen = plan(budget, resolution, effective, allowed=allowed, max_steps=cfg.max_steps, members=members)
-    except UserError as e:
-        fitting = next((k for k in range(members - 1, 0, -1) if _fits(budget, resolution, effective, allowed, k)), 0)
-        if not fitting:
+        chosen = fitted(members)
+    except UserError:
+        together = next((k for k in range(members - 1, 0, -1) if _fits(budget, resolution, effective, allowed, k)), 0)
+        if not together:
             raise
-        raise UserError(f"{e}; {fitting} of the {members} sweep members fit together: split the sweep into runs of "
-                        f"at most {fitting} members (same --output, other values)") from None
+        chosen = fitted(together)
+        log(f"the {members} sweep members do not fit in {budget / GIB:.2f} GiB together: "
+            f"{-(-members // together)} rounds of ≤ {together} members")
     log(chosen.reason)
 
     def refit(scale: float) -> str:
         try:
-            return plan(int(budget / scale), resolution, effective, allowed=allowed, max_steps=cfg.max_steps,
-                        members=members).choice.flags()
+            return fitted(chosen.choice.members, int(budget / scale)).choice.flags()
         except UserError:
             return "none is estimated to fit; the smallest is " + min(
-                candidates(effective, allowed, members), key=lambda c: estimate_peak_gib(c, resolution, False, allowed.validation)).flags()
-    return apply_plan(cfg, chosen), budget, outside, int(chosen.needed_gib * GIB), refit
+                candidates(effective, allowed, chosen.choice.members),
+                key=lambda c: estimate_peak_gib(c, resolution, False, allowed.validation)).flags()
+    return apply_plan(cfg, chosen), budget, outside, int(chosen.needed_gib * GIB), refit, chosen.choice.members
 
 
 def _fits(budget: int, resolution: int, effective_batch: int, allowed: Choices, members: int) -> bool:

@@ -9,20 +9,28 @@
       -> per member (`Member`), exactly what a single `train` writes into its folder
       -> OUTPUT/sweep.json (members, settings, final losses), OUTPUT/sweep.png (loss curves), a ranked table
 
+Where --vram-budget fits fewer members together (stages/plan.py), they train in rounds of as many as fit, one pass
+over the cache each, in member order (`train_rounds`); sweep.json ranks every member of every round.
+
 A single run is a sweep of one member: `Member` is what train.py does with every run's outputs.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
+import itertools
 import json
 import math
 import os
 from pathlib import Path
 
+import torch
+
 from cache.files import write_json_atomic
 from cache.lock import lock_folder
 from stages import checkpoint, distributed
-from stages.config import TrainConfig, sweep_values
+from stages.config import TrainConfig, sweep_members, sweep_values
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME
 from stages.outputs import save_final_lora, save_training_checkpoint
@@ -34,11 +42,12 @@ SWEEP_NAME = "sweep.json"
 
 class Member:
     """One adapter's run and its folder: checkpoints, train_config.json, metrics.jsonl (+ tracker), the final LoRA,
-    model card and loss.png. In a sweep (`name` set) too many non-finite steps stop this member alone."""
+    model card and loss.png. In a sweep (`name` set) too many non-finite steps stop this member alone, and `on_end(member,
+    summary or None)` records its end (finished or stopped) in sweep.json."""
 
-    def __init__(self, name: str | None, cfg: TrainConfig, resume: checkpoint.Resume | None, log, on_stop=None):
+    def __init__(self, name: str | None, cfg: TrainConfig, resume: checkpoint.Resume | None, log, on_end=None):
         self.name, self.cfg, self.out, self.resume, self.log = name, cfg, Path(cfg.output), resume, log
-        self.losses, self.stopped_at, self.model, self.on_stop = [], None, None, on_stop
+        self.losses, self.stopped_at, self.model, self.on_end, self.round = [], None, None, on_end, 0
 
     def start(self, model, manifest, layout: dict, main: bool) -> int:
         """The resumed checkpoint loaded into `model`, train_config.json written; returns the first step."""
@@ -84,20 +93,16 @@ class Member:
                 raise UserError(message)
             self.stopped_at = step + 1
             if main:
-                self.on_stop()
+                self.on_end(self, None)
             self.log(f"{self.name}: {message}; the other members go on")
         elif main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_training_checkpoint(self.model, self.out, step + 1, counters, self.layout,
                                      cfg.kohya_name if cfg.kohya_file else None, cfg.checkpoints_total_limit)
 
     def finish(self, manifest, seconds: float, peak_gib: float | None, main: bool) -> dict:
-        """The final LoRA files and last checkpoint, the summary logged, the model card and loss.png."""
+        """The summary (a sweep's row in sweep.json first: a member with a final LoRA is recorded), the final LoRA
+        files and last checkpoint, the summary logged, the model card and loss.png."""
         cfg, out, model, log = self.cfg, self.out, self.model, self.log
-        if main:
-            save_final_lora(model, out, cfg.kohya_name, cfg.save_dtype, cfg.kohya_file, log)  # the EMA if kept, …_raw beside
-            if cfg.checkpoint_every:
-                save_training_checkpoint(model, out, cfg.max_steps, self.counters, self.layout,
-                                         cfg.kohya_name if cfg.kohya_file else None, cfg.checkpoints_total_limit)
         last = self.losses[-10:]
         summary = {
             "output": str(out), "steps": cfg.max_steps, "trained_steps": cfg.max_steps - self.start_step,
@@ -106,6 +111,13 @@ class Member:
             "peak_gib": peak_gib,  # of the training steps (validation is logged separately)
             "unet": model.unet,  # the trained peft UNet, for callers that use it in-process (tests, demo)
         }
+        if main:
+            if self.on_end:
+                self.on_end(self, summary)
+            save_final_lora(model, out, cfg.kohya_name, cfg.save_dtype, cfg.kohya_file, log)  # the EMA if kept, …_raw beside
+            if cfg.checkpoint_every:
+                save_training_checkpoint(model, out, cfg.max_steps, self.counters, self.layout,
+                                         cfg.kohya_name if cfg.kohya_file else None, cfg.checkpoints_total_limit)
         log((f"{self.name}: " if self.name else "") + f"trained {plural(summary['trained_steps'], 'step')} in "
             f"{summary['seconds']:.1f} s; final loss {summary['final_loss']:.4f} (mean of the last "
             f"{plural(len(last), 'step')})"
@@ -120,20 +132,25 @@ class Member:
 
 
 # ------------------------------------------------------------------------------------------ sweeps
+def read_sweep(out: Path) -> dict:
+    return json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {}
+
+
 def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]], manifest, world: int,
                   held: contextlib.ExitStack, log) -> list[Member]:
     """Every member's --output claimed (checkpoint.claim_output: lock, resume plan, earlier outputs) before any model
-    loads; a sweep also locks OUTPUT and refuses an earlier sweep there without --resume / --overwrite. On resume,
-    members recorded as stopped in sweep.json stay stopped; the others must resume from one step."""
+    loads; a sweep also locks OUTPUT (for the whole run, every round) and refuses an earlier sweep there without
+    --resume / --overwrite. On resume, members recorded in sweep.json as stopped, or as finished at --max-steps (their
+    final LoRA written), are left as they are; the others resume their newest checkpoint, or start without one."""
     if not cfg.sweep:
         return [Member(None, cfg, checkpoint.claim_output(Path(cfg.output), cfg, manifest, world, held, log), log)]
-    out = Path(cfg.output)
+    out, swept = Path(cfg.output), [name for group in sweep_values(cfg.sweep) for name, _ in group]
     check_output_folder(str(out), "--output")
     if cfg.resume not in (None, "latest"):
         raise UserError(f"--resume {cfg.resume} with --sweep: pass --resume latest (every member resumes its newest "
                         "checkpoint)")
     held.enter_context(distributed.on_main(lock_folder, out, "train", log) or contextlib.nullcontext())
-    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else None
+    earlier = read_sweep(out)
     if earlier and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} holds an earlier sweep ({SWEEP_NAME}); pass --resume latest to continue it, or "
                         "--overwrite to start over")
@@ -141,60 +158,108 @@ def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]
     if cfg.overwrite:
         for name in (SWEEP_NAME, "sweep.png"):
             (out / name).unlink(missing_ok=True)
-    stopped = {m["name"] for m in (earlier or {}).get("members", []) if m.get("stopped_at") and cfg.resume}
+    rows = {r["name"]: r for r in earlier.get("members", [])} if cfg.resume else {}
     claimed = []
     for name, member_cfg in members:
-        if name in stopped:
+        row, folder = rows.get(name, {}), Path(member_cfg.output)
+        if row.get("stopped_at"):
             log(f"{name}: stopped in the earlier run (see {SWEEP_NAME}); not resumed")
             continue
-        claimed.append(Member(name, member_cfg, checkpoint.claim_output(Path(member_cfg.output), member_cfg, manifest,
-                                                                        world, held, log), log,
-                              on_stop=lambda: write_stops(out, claimed)))
-    steps = {m.name: m.resume.step if m.resume else 0 for m in claimed}
-    if len(set(steps.values())) > 1:
-        raise UserError("--resume latest: the members' newest checkpoints are at different steps ("
-                        + ", ".join(f"{n}: {s}" for n, s in steps.items()) + "); move the newer ones away so that "
-                        "every member resumes from one step")
+        if row.get("steps") == member_cfg.max_steps and (folder / LORA_WEIGHTS_NAME).exists():
+            log(f"{name}: finished in the earlier run (see {SWEEP_NAME}); left as it is")
+            continue
+        if cfg.resume and not checkpoint.list_checkpoints(folder):  # a later round's, not started yet
+            log(f"{name}: no checkpoint yet; starts from step 0")
+            member_cfg = dataclasses.replace(member_cfg, resume=None)
+        claimed.append(Member(name, member_cfg, checkpoint.claim_output(folder, member_cfg, manifest, world, held, log),
+                              log, on_end=lambda m, summary: record_row(out, sweep_row(m, summary, swept))))
     if not claimed:
-        raise UserError(f"--resume latest: every member of the sweep in {out} has stopped; nothing to train")
+        raise UserError(f"--resume latest: every member of the sweep in {out} has finished or stopped; nothing to "
+                        "train (a larger --max-steps continues the finished ones)")
     return claimed
 
 
-def write_stops(out: Path, members: list[Member]) -> None:
-    """OUTPUT/sweep.json with the members stopped so far (finish_sweep completes it), so that a resume of an
-    interrupted sweep leaves them stopped."""
-    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {"members": []}
-    rows = {r["name"]: r for r in earlier["members"]}
-    rows.update({m.name: {"name": m.name, "output": str(m.out), "stopped_at": m.stopped_at}
-                 for m in members if m.stopped_at is not None})
+def sweep_row(m: Member, summary: dict | None, swept: list[str]) -> dict:
+    """A member's row of sweep.json: its swept settings, its round, its final loss or the step it stopped at."""
+    return {"name": m.name, "output": str(m.out), "round": m.round, "settings": {k: getattr(m.cfg, k) for k in swept},
+            **({k: summary[k] for k in ("final_loss", "steps", "seconds", "skipped_steps")} if summary
+               else {"stopped_at": m.stopped_at})}
+
+
+def record_row(out: Path, row: dict) -> None:
+    """A member's row into OUTPUT/sweep.json as the member ends (finish_sweep ranks them all), so that a resume of an
+    interrupted sweep leaves the members it records as finished or stopped as they are."""
+    earlier = read_sweep(out)
+    rows = {r["name"]: r for r in earlier.get("members", [])} | {row["name"]: row}
     write_json_atomic(out / SWEEP_NAME, {**earlier, "members": list(rows.values())})
 
 
-def check_not_all_stopped(members: list[Member]) -> None:
+def plan_rounds(steps: list[int], together: int) -> list[list[int]]:
+    """The members (indices into `steps`, each member's first step) in rounds of at most `together` consecutive
+    members that start at one step: a resumed round's members resume together, the later rounds' start at 0."""
+    rounds: list[list[int]] = []
+    for i, step in enumerate(steps):
+        if rounds and len(rounds[-1]) < together and steps[rounds[-1][0]] == step:
+            rounds[-1].append(i)
+        else:
+            rounds.append([i])
+    return rounds
+
+
+def train_members(cfg: TrainConfig, members: list[Member], together: int, train_pass, main: bool, log) -> dict:
+    """Train the claimed members: `train_pass(members)` -> their summaries (None: stopped) is one pass over the cache
+    with one UNet carrying their adapters. A single run's summary, or a sweep's rounds and finish_sweep's summary;
+    every process returns once rank 0 has written the outputs."""
+    summary = (finish_sweep(cfg, train_rounds(cfg, members, together, train_pass, log), main, log) if cfg.sweep
+               else train_pass(members)[0])
+    distributed.barrier()
+    return summary
+
+
+def train_rounds(cfg: TrainConfig, members: list[Member], together: int, train_pass, log) -> list[dict]:
+    """A sweep's members in rounds (plan_rounds: at most `together` each, in member order), one pass each with a fresh
+    UNet; returns their sweep.json rows."""
+    swept = [name for group in sweep_values(cfg.sweep) for name, _ in group]
+    first = 1 + max((r.get("round", 0) for r in read_sweep(Path(cfg.output)).get("members", [])), default=-1)
+    rounds = plan_rounds([m.resume.step if m.resume else 0 for m in members], together)
+    rows = []
+    for k, indices in enumerate(rounds):
+        group = [members[i] for i in indices]
+        if len(rounds) > 1:
+            log(f"round {k + 1} of {len(rounds)}: {', '.join(m.name for m in group)}")
+        for m in group:
+            m.round = first + k
+        rows += [sweep_row(m, summary, swept) for m, summary in zip(group, train_pass(group))]
+        for m in group:
+            m.model = None  # the round's UNet (held in a cycle with its CUDA graphs) freed before the next one loads
+        gc.collect()
+        torch.cuda.empty_cache()
     if all(m.stopped_at is not None for m in members):
         raise UserError("stopped: every member of the sweep had too many non-finite steps in a row (see above); "
                         "checkpoints are intact")
+    return rows
 
 
-def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict | None], main: bool, log) -> dict:
-    """OUTPUT/sweep.json (each member's settings, final loss, or the step it stopped at; members stopped in an
-    earlier run kept), OUTPUT/sweep.png, and the members ranked by final loss; returns the sweep's summary."""
-    out, swept = Path(cfg.output), [name for group in sweep_values(cfg.sweep) for name, _ in group]
-    rows = [{"name": m.name, "output": str(m.out), "settings": {k: getattr(m.cfg, k) for k in swept},
-             **({"final_loss": s["final_loss"], "steps": s["steps"], "seconds": s["seconds"],
-                 "skipped_steps": s["skipped_steps"]} if s else {"stopped_at": m.stopped_at})}
-            for m, s in zip(members, summaries)]
+def finish_sweep(cfg: TrainConfig, rows: list[dict], main: bool, log) -> dict:
+    """OUTPUT/sweep.json: the members' rows (this run's, and those an earlier run recorded and this resume left as
+    they are), ranked by final loss, and the rounds they trained in; OUTPUT/sweep.png, the ranked table; returns the
+    sweep's summary."""
+    out = Path(cfg.output)
     if not main:
         return {"output": str(out), "members": rows}
-    earlier = json.loads((out / SWEEP_NAME).read_text()) if (out / SWEEP_NAME).exists() else {}
     names = {r["name"] for r in rows}
-    rows += [r for r in earlier.get("members", []) if r["name"] not in names]  # stopped before this resume
+    rows = rows + [r for r in read_sweep(out).get("members", []) if r["name"] not in names]
     rank = sorted(rows, key=lambda r: (r.get("final_loss") is None or not math.isfinite(r["final_loss"]),
                                        r.get("final_loss") or 0.0))
-    write_json_atomic(out / SWEEP_NAME, {"sweep": list(cfg.sweep), "ranked_by": "final_loss", "members": rank})
+    position = {name: i for i, (name, _) in enumerate(sweep_members(cfg))}
+    in_order = sorted(rows, key=lambda r: (r.get("round", 0), position.get(r["name"], len(position))))
+    rounds = [[r["name"] for r in group] for _, group in itertools.groupby(in_order, key=lambda r: r.get("round", 0))]
+    write_json_atomic(out / SWEEP_NAME, {"sweep": list(cfg.sweep), "ranked_by": "final_loss", "rounds": rounds,
+                                         "members": rank})
     plot_losses({r["name"]: Path(r["output"]) / "metrics.jsonl" for r in rank}, out / "sweep.png", log)
     width = max(len(r["name"]) for r in rank)
-    log(f"sweep of {plural(len(rank), 'member')}, ranked by final loss (mean of the last 10 steps):")
+    log(f"sweep of {plural(len(rank), 'member')}" + (f" in {plural(len(rounds), 'round')}" if len(rounds) > 1 else "")
+        + ", ranked by final loss (mean of the last 10 steps):")
     for i, r in enumerate(rank, 1):
         result = f"{r['final_loss']:.4f}" if "final_loss" in r else f"stopped at step {r['stopped_at']}"
         log(f"  {i:>3}  {r['name']:<{width}}  {result}")
@@ -205,7 +270,6 @@ def finish_sweep(cfg: TrainConfig, members: list[Member], summaries: list[dict |
 def validate(model, validator, step: int, out: Path, resolution: int, log) -> dict:
     """The validation row; out of GPU memory beside the CUDA graphs' memory pool (a small card), the graphs are
     dropped (captured again at the next step, ~1-4 s) and the images rendered in the freed memory."""
-    import torch
     try:
         return validator(model.unet, model.noise_scheduler, step, out, resolution)
     except torch.cuda.OutOfMemoryError:

@@ -34,7 +34,7 @@ from stages.quantize import check_base_weights, quantize_base
 from stages.recipes import Recipe, configure_noise_scheduler, draw_noise, make_recipe, step_generator
 from stages.report import check_report_to
 from stages.sample import Validator
-from stages.sweep import check_not_all_stopped, claim_outputs, finish_sweep
+from stages.sweep import claim_outputs, train_members
 from stages.sdxl import ModelSource, cache_model_source, check_cache_fits, check_target_modules, load_noise_scheduler, load_unet
 from stages.streaming import attach_streaming, check_stream_blocks
 
@@ -297,14 +297,23 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     main, world = distributed.is_main(), distributed.world_size()  # only rank 0 writes outputs and logs
     log = log if main else (lambda *a, **k: None)
     resolution = max(res for res, _, _ in schedule)
-    # --vram-budget: a copy with the plan's choice (a sweep's members together) and the watch that keeps it
-    cfg, watch = watch_memory(cfg, device, resolution, log, len(sweep_members(cfg)) if cfg.sweep else 1)
+    # --vram-budget: a copy with the plan's choice and how many of a sweep's members fit together (else: rounds)
+    cfg, watch, together = watch_memory(cfg, device, resolution, log, len(sweep_members(cfg)) if cfg.sweep else 1)
     members = claim_outputs(cfg, sweep_members(cfg) if cfg.sweep else [(None, cfg)], reader.manifest, world, held, log)
     if reader.manifest.bucketed:
         note_small_buckets(reader.manifest, cfg.batch_size * world, log)
     if (cfg.compile != "none" or cfg.cuda_graphs != "off") and device.type == "cuda" and (reader.manifest.bucketed or len(schedule) > 1):
         log("note: every bucket / resolution shape is compiled or captured as a CUDA graph the first time it is "
             "seen: expect short pauses, and more memory")
+    validator = distributed.on_main(Validator.from_cache, reader, source, cfg.validation_steps, cfg.validation_guidance,
+                                    cfg.seed) if cfg.validate_every else None
+    return train_members(cfg, members, together, lambda group: _train_pass(cfg, group, reader, source, device, watch,
+                                                                            validator, schedule, log), main, log)
+
+
+def _train_pass(cfg: TrainConfig, members: list, reader, source, device, watch, validator, schedule, log) -> list:
+    """One pass over the cache training `members` (a single run, or a round of a sweep) on one UNet; their summaries."""
+    main, world = distributed.is_main(), distributed.world_size()
     torch.manual_seed(cfg.seed)  # LoRA initialization (every member of a sweep: as a single run)
     models = setup_models([m.cfg for m in members], reader, device, log, source)
     layout = {"world_size": world, "global_batch_size": cfg.batch_size * world}  # every member starts at one step:
@@ -312,9 +321,6 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
     ddp = distributed.wrap(models[0].unet, device)  # None in a single process
     for model in models:
         model.ddp = ddp
-    validator = distributed.on_main(Validator.from_cache, reader, models[0].source, cfg.validation_steps,
-                                    cfg.validation_guidance, cfg.seed) if cfg.validate_every else None
-
     watch.start()  # peaks from the first step
     started = last = time.time()
     per_step = cfg.batch_size * cfg.grad_accum * world
@@ -324,7 +330,8 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
         for m in members:
             m.open_logs(files, main)
         for step, micro in batches:
-            active = [i for i, m in enumerate(members) if m.stopped_at is None]
+            if not (active := [i for i, m in enumerate(members) if m.stopped_at is None]):
+                break  # every member of a sweep's round stopped: the next round goes on
             with watch.guard(step + 1 - start_step):  # --vram-budget: out of memory in the first steps -> what fits
                 results = training_step([members[i].model for i in active], micro, step, cfg)
             now = time.time()
@@ -337,11 +344,7 @@ def _train(cfg: TrainConfig, log, held: contextlib.ExitStack) -> dict:
             last = now
             bar.set_postfix(loss=f"{results[0]['loss']:.4f}", img_s=f"{row['images_per_s']:.2f}")
             bar.update(1)
-            check_not_all_stopped(members)
             kill_point("step", step + 1)
     bar.close()
-    summaries = [m.finish(reader.manifest, round(time.time() - started, 2), watch.peak_gib, main) if m.stopped_at is None
-                 else None for m in members]
-    summary = finish_sweep(cfg, members, summaries, main, log) if cfg.sweep else summaries[0]
-    distributed.barrier()  # every process returns once rank 0 has written the outputs
-    return summary
+    return [m.finish(reader.manifest, round(time.time() - started, 2), watch.peak_gib, main) if m.stopped_at is None
+            else None for m in members]

@@ -274,3 +274,29 @@ def test_a_sweeps_members_add_their_lora_state_and_activations_and_the_16_member
     assert sixteen.needed_gib <= 24 and sixteen.choice.members == 16 and "16 sweep members" in sixteen.reason
     with pytest.raises(UserError, match="16 sweep members"):
         plan(8 * GIB, 512, 4, allowed=graphs, members=16)
+
+
+def test_a_sweep_that_does_not_fit_together_trains_in_rounds_of_what_fits_and_one_member_too_many_is_an_error(monkeypatch):
+    import torch
+
+    import stages.device
+    import stages.plan
+    from stages.config import TrainConfig, parse_size
+    from stages.plan import fit_vram_budget
+    monkeypatch.setattr(stages.device, "cap_gpu_memory", lambda device, budget, log: (parse_size(budget), 0))
+    graphs = Choices(gradient_checkpointing=(True,), base_weights=("bf16",), optimizer=("adamw8bit",),
+                     compile=("none",), cuda_graphs=True)
+    monkeypatch.setattr(stages.plan, "_allowed_here", lambda cfg, device: graphs)
+    cuda, logs = torch.device("cuda"), []
+    cfg, budget, _, planned, refit, together = fit_vram_budget(TrainConfig(vram_budget="8GiB"), cuda, 512, logs.append, 16)
+    assert together == 4 and budget == 8 * GIB  # the most that fit: 5 do not
+    assert plan(8 * GIB, 512, 4, allowed=graphs, members=4).choice.members == 4
+    with pytest.raises(UserError):
+        plan(8 * GIB, 512, 4, allowed=graphs, members=5)
+    assert logs[0] == "the 16 sweep members do not fit in 8.00 GiB together: 4 rounds of ≤ 4 members"
+    assert "4 sweep members" in logs[1] and planned <= 8 * GIB and "--batch-size" in refit(1.1)
+    assert fit_vram_budget(TrainConfig(vram_budget="24GiB"), cuda, 512, logs.append, 16)[-1] == 16  # all together
+    with pytest.raises(UserError) as error:  # the base alone is ~4.8 GiB: not even one member fits
+        fit_vram_budget(TrainConfig(vram_budget="4GiB"), cuda, 512, logs.append, 16)
+    assert "no configuration fits at 512², effective batch 4, 16 sweep members" in str(error.value)
+    assert "\n" not in str(error.value) and "round" not in str(error.value)

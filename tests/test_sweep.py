@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import stages.train
+from cache.lock import LOCK_NAME, read_holder
+from stages.budget import MemoryWatch
 from stages.config import TrainConfig, sweep_members
 from stages.errors import UserError
 from stages.lora import LORA_WEIGHTS_NAME
+from stages.sweep import plan_rounds
 from stages.train import train
 
 QUIET = {"log": lambda *a, **k: None}
@@ -40,25 +45,34 @@ def sweep(tmp_path_factory, fp32_cache):
     return out, train(config(fp32_cache, out, sweep=(SWEEP,)), **QUIET)
 
 
-def test_each_member_is_the_single_run_with_its_settings(sweep, fp32_cache, tmp_path):
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory, fp32_cache):
+    """Each member of SWEEP trained alone by a single `train`: {name: (its folder, its summary)}."""
+    root = tmp_path_factory.mktemp("singles")
+    return {name: (root / name, train(config(fp32_cache, root / name, learning_rate=member.learning_rate,
+                                             rank=member.rank, noise_offset=member.noise_offset, checkpoint_every=0),
+                                      **QUIET))
+            for name, member in sweep_members(config(fp32_cache, root, sweep=(SWEEP,)))}
+
+
+def test_each_member_is_the_single_run_with_its_settings(sweep, singles, fp32_cache):
     out, summary = sweep
     members = sweep_members(config(fp32_cache, out, sweep=(SWEEP,)))
     assert [m["name"] for m in sorted(summary["members"], key=lambda m: m["name"])] == sorted(n for n, _ in members)
     for name, member in members:
-        single = train(config(fp32_cache, tmp_path / name, learning_rate=member.learning_rate, rank=member.rank,
-                              noise_offset=member.noise_offset, checkpoint_every=0), **QUIET)
-        got, want = lora(out / name), lora(tmp_path / name)
+        folder, single = singles[name]
+        got, want = lora(out / name), lora(folder)
         assert got.keys() == want.keys()
         diff = max((got[k] - want[k]).abs().max().item() for k in want)
         assert diff <= 1e-5, (name, diff)
         assert max(want[k].abs().max().item() for k in want if "lora_B" in k) > 50 * 1e-5, name  # it did train
-        with safe_open(str(out / name / LORA_WEIGHTS_NAME), "pt") as a, safe_open(str(tmp_path / name / LORA_WEIGHTS_NAME), "pt") as b:
+        with safe_open(str(out / name / LORA_WEIGHTS_NAME), "pt") as a, safe_open(str(folder / LORA_WEIGHTS_NAME), "pt") as b:
             assert a.metadata() == b.metadata()  # alpha, rank, target modules: the single run's
         recorded = json.loads((out / name / "train_config.json").read_text())
         assert (recorded["learning_rate"], recorded["rank"], recorded["noise_offset"]) == \
             (member.learning_rate, member.rank, member.noise_offset) and recorded["sweep"] == []
         losses = [json.loads(line)["loss"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        want_losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        want_losses = [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-7)
         assert single["final_loss"] == pytest.approx(next(m["final_loss"] for m in summary["members"] if m["name"] == name), rel=1e-5)
         for f in ("loss.png", "README.md", f"{name}.safetensors", "checkpoint-2", "checkpoint-4"):
@@ -72,6 +86,79 @@ def test_sweep_json_ranks_members_and_the_png_overlays_them(sweep):
     assert losses == sorted(losses) and len(losses) == 3 and saved["sweep"] == [SWEEP]
     assert saved["members"][0]["settings"].keys() == {"learning_rate", "rank", "noise_offset"}
     assert (out / "sweep.png").stat().st_size > 1000
+
+
+def fit_together(monkeypatch, together: int) -> None:
+    """--vram-budget's decision that `together` members fit at once (stages/plan.py fit_vram_budget, tests/test_plan.py),
+    made on the CPU: the sweep trains in rounds."""
+    monkeypatch.setattr(stages.train, "watch_memory",
+                        lambda cfg, device, resolution, log, members: (cfg, MemoryWatch(device), together))
+
+
+def test_rounds_are_consecutive_members_that_start_at_one_step():
+    assert plan_rounds([0, 0, 0], 3) == [[0, 1, 2]] and plan_rounds([0, 0, 0], 2) == [[0, 1], [2]]
+    assert plan_rounds([2, 2, 0, 0, 0], 2) == [[0, 1], [2, 3], [4]]  # a resumed round, then the rounds not started
+    assert plan_rounds([4, 2, 2, 0], 4) == [[0], [1, 2], [3]]  # members at other steps never share a round
+
+
+def test_a_sweep_in_rounds_trains_each_member_as_in_one_pass(sweep, fp32_cache, tmp_path, monkeypatch):
+    out, one_pass = sweep
+    fit_together(monkeypatch, 2)
+    logs = []
+    summary = train(config(fp32_cache, tmp_path / "runs", sweep=(SWEEP,)), log=logs.append)
+    names = [name for name, _ in sweep_members(config(fp32_cache, out, sweep=(SWEEP,)))]
+    assert f"round 1 of 2: {names[0]}, {names[1]}" in logs and f"round 2 of 2: {names[2]}" in logs
+    for name in names:  # rounds of 2 and 1 replicas round differently from one forward of 3 (~1e-6; see above)
+        got, want = lora(tmp_path / "runs" / name), lora(out / name)
+        assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5, name
+    saved = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert saved["rounds"] == [names[:2], names[2:]] and saved["members"] == summary["members"]
+    assert [m["final_loss"] for m in saved["members"]] == pytest.approx(
+        [next(m["final_loss"] for m in one_pass["members"] if m["name"] == r["name"]) for r in saved["members"]], rel=1e-5)
+    assert [m["round"] for m in sorted(saved["members"], key=lambda m: names.index(m["name"]))] == [0, 0, 1]
+    assert any(line.startswith("sweep of 3 members in 2 rounds, ranked by final loss") for line in logs)
+
+
+def test_an_interrupted_sweep_in_rounds_resumes_its_member_and_leaves_the_finished_one(singles, fp32_cache, tmp_path,
+                                                                                      monkeypatch):
+    runs, names = tmp_path / "runs", list(singles)
+    fit_together(monkeypatch, 1)  # rounds of one member: each one's LoRA is its single run's exactly
+
+    class Killed(Exception):
+        pass
+
+    seen, holders = [], []
+
+    def kill_at_step_3_of_round_2(kind, count):  # after round 2's checkpoint-2, as SDXL_LORA_KILL_AT would
+        seen.append((kind, count))
+        if seen.count(("step", 3)) == 2:
+            holders.append(read_holder(runs / LOCK_NAME))  # OUTPUT stays locked from the first round to the last
+            raise Killed
+    monkeypatch.setattr(stages.train, "kill_point", kill_at_step_3_of_round_2)
+    with pytest.raises(Killed):
+        train(config(fp32_cache, runs, sweep=(SWEEP,)), **QUIET)
+    assert holders[0]["pid"] == os.getpid() and not (runs / LOCK_NAME).exists()
+    assert (runs / names[0] / LORA_WEIGHTS_NAME).exists() and not (runs / names[1] / LORA_WEIGHTS_NAME).exists()
+    assert [p.name for p in (runs / names[1]).glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not list((runs / names[2]).glob("*"))  # round 3 never started
+    finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (runs / names[0]).rglob("*") if p.is_file()}
+    row = json.loads((runs / "sweep.json").read_text())["members"]
+
+    monkeypatch.setattr(stages.train, "kill_point", lambda kind, count: None)
+    logs = []
+    train(config(fp32_cache, runs, sweep=(SWEEP,), resume="latest"), log=logs.append)
+    assert f"{names[0]}: finished in the earlier run (see sweep.json); left as it is" in logs
+    assert f"resumed from {runs / names[1] / 'checkpoint-2'} at step 2" in logs
+    assert f"{names[2]}: no checkpoint yet; starts from step 0" in logs
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (runs / names[0]).rglob("*") if p.is_file()} == finished
+    for name in names:
+        got, want = lora(runs / name), lora(singles[name][0])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    saved = json.loads((runs / "sweep.json").read_text())
+    assert saved["rounds"] == [[n] for n in names] and len(saved["members"]) == 3
+    assert next(m for m in saved["members"] if m["name"] == names[0]) == row[0]  # recorded by the first run
+    steps = [json.loads(line)["step"] for line in (runs / names[1] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_resume_latest_of_a_sweep_is_bit_identical(sweep, fp32_cache, tmp_path):
