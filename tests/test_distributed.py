@@ -147,3 +147,17 @@ def test_two_rank_encode_holds_what_one_process_encodes(tmp_path, tiny_model, im
         assert x.keys() == y.keys() and x["key"] == y["key"]
         worst = max([worst] + [max_abs_diff(x[k], y[k]) for k in x if torch.is_tensor(x[k])])
     assert worst <= 1e-5
+
+
+def test_a_sweep_under_torchrun_trains_each_member_like_one_process(fp32_cache, tmp_path):
+    """Two ranks with batch 2 train each member of a sweep like one process with batch 4 (DDP over every adapter)."""
+    sweep = "learning_rate=1e-4,5e-5"
+    torchrun(*train_args(fp32_cache, tmp_path / "two", batch_size=2, checkpoint_every=0, max_steps=2), "--sweep", sweep)
+    train(train_config(fp32_cache, tmp_path / "one", batch_size=4, **{**TRAIN, "checkpoint_every": 0, "max_steps": 2},
+                       sweep=(sweep,)), **QUIET)
+    for name in ("learning_rate=1e-4", "learning_rate=5e-5"):
+        two, one = (load_file(str(tmp_path / run / name / LORA_WEIGHTS_NAME)) for run in ("two", "one"))
+        assert two.keys() == one.keys() and max(max_abs_diff(two[k], one[k]) for k in one) <= 1e-5, name
+        assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-4, name  # it trained
+        assert [r["step"] for r in metrics(tmp_path / "two" / name)] == [1, 2]
+    assert json.loads((tmp_path / "two" / "sweep.json").read_text())["members"][0]["name"].startswith("learning_rate=")
