@@ -91,6 +91,9 @@ class Member:
                        "(lower --learning-rate, or use --mixed-precision bf16/no); checkpoints are intact")
             if self.name is None:
                 raise UserError(message)
+            if distributed.world_size() > 1:  # DDP reduces every adapter's gradients each step: none may drop out
+                raise UserError(f"{self.name}: {message}; under torchrun this stops the whole sweep (resume it without "
+                                "this member's value)")
             self.stopped_at = step + 1
             if main:
                 self.on_end(self, None)

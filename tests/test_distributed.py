@@ -161,3 +161,12 @@ def test_a_sweep_under_torchrun_trains_each_member_like_one_process(fp32_cache, 
         assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-4, name  # it trained
         assert [r["step"] for r in metrics(tmp_path / "two" / name)] == [1, 2]
     assert json.loads((tmp_path / "two" / "sweep.json").read_text())["members"][0]["name"].startswith("learning_rate=")
+
+
+def test_a_diverging_sweep_member_under_torchrun_stops_the_sweep_in_one_line(fp32_cache, tmp_path):
+    proc = torchrun(*train_args(fp32_cache, tmp_path / "two", batch_size=2, checkpoint_every=0, max_steps=3,
+                                max_bad_steps=1), "--sweep", "learning_rate=1e-4,1e30", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode != 0 and errors and errors[0].startswith("Error: learning_rate=1e30: stopped")
+    # each rank ends with the one line; the only traceback is torchrun's own report of a failed child
+    assert "under torchrun this stops the whole sweep" in errors[0] and 'stages/' not in proc.stderr, proc.stderr[-3000:]
