@@ -358,6 +358,7 @@ def train(**kwargs):
 @from_config(BenchConfig, "steps")
 @from_config(BenchConfig, "warmup")
 @from_config(BenchConfig, "profile_steps")
+@from_config(BenchConfig, "validate_steps")
 @from_config(BenchConfig, "sweep")
 @from_config(BenchConfig, "sweep_ranks")
 @from_config(BenchConfig, "baseline")

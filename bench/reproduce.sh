@@ -26,7 +26,8 @@ sections (RESULTS.md names the section next to each heading):
   quantized-q  the quantized table's rows marked (q): nf4 b1 x ga4, nf4/fp8/int8 b4 x ga1, fp8 at 1024²
   encode       encode --model random:sdxl of 512 generated JPEGs: defaults, and 12 workers x batch 16
   buckets      encode --resolution 1024 --buckets of 64 generated JPEGs, info, and 6 steps of train on them
-  stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4/bf16 at 1024², nf4 unstreamed eager beside it
+  stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4/bf16 at 1024², nf4 unstreamed eager beside it;
+               validation's peak at 1024² (nf4 with CUDA graphs, bf16 streamed)
   stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
@@ -107,7 +108,10 @@ for line in open(sys.argv[1]):
               "{peak_reserved_gib} GiB, {images_per_s} img/s, {median_step_s} s/step, first step {time_to_first_step_s} s, "
               "UNet fwd {unet_forward_tflop_per_image} TFLOP/img, MFU {mfu} (matmul peak {matmul_peak_tflops} TFLOP/s), "
               "last loss {last_loss}; CUDA graphs {cuda_graphs}: per step {profile_step_ms} ms, host {host_ms_per_step} ms, "
-              "GPU busy {gpu_busy_ms_per_step} ms; {adapters} adapter(s): {adapter_images_per_s} adapter-img/s".format_map({
+              "GPU busy {gpu_busy_ms_per_step} ms; {adapters} adapter(s): {adapter_images_per_s} adapter-img/s; validation "
+              "{validation_s} s, peak alloc / reserved {validation_peak_gib} / {validation_reserved_gib} GiB".format_map({
+                                                              "validation_s": None, "validation_peak_gib": None,
+                                                              "validation_reserved_gib": None,
                                                               "cuda_graphs": None, "profile_step_ms": None,
                                                               "stream_blocks": None, "h2d_gib_per_step": None,
                                                               "adapters": 1, "adapter_images_per_s": None,
@@ -278,6 +282,8 @@ stream)  # 'The memory floor' (issue #21): streamed blocks, 2 resident, per base
   for w in nf4 fp8 int8 bf16; do bench "s512_$w" --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
   for w in nf4 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
   bench nf4_eager --base-weights nf4 --cuda-graphs off --steps 3 --warmup 1 --profile-steps 0
+  bench v1024_nf4 --resolution 1024 --base-weights nf4 --steps 3 --warmup 1 --profile-steps 0 --validate-steps 4
+  bench v1024_s2 --resolution 1024 --stream-blocks 2 --steps 2 --warmup 1 --profile-steps 0 --validate-steps 4
   ;;
 stream-budget)  # 'The memory floor': --vram-budget at 1024² with validation (2 prompts, 4 steps) every 3 steps
   cache "$dir/c1024" 16 1024 2

@@ -124,7 +124,8 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_cache(tmp, num_samples=max(8, cfg.batch_size * cfg.grad_accum), resolution=cfg.resolution,
-                              text_width=uc["cross_attention_dim"], pooled_width=pooled, model=cfg.model)
+                              text_width=uc["cross_attention_dim"], pooled_width=pooled, model=cfg.model,
+                              validation_prompts=2 if cfg.validate_steps else 0)
         reader = CacheReader(tmp)
         models = setup_models([c for _, c in sweep_members(tcfg)] if sweep else [tcfg], reader, device, lambda *a: None)
         model = models[0]
@@ -200,10 +201,26 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
         if profiled:
             row.update(profile)
+        if cfg.validate_steps and not baseline:
+            row.update(bench_validation(model, reader, cfg.validate_steps, cfg.resolution, Path(tmp), log))
         del model, models, encoders, reader
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def bench_validation(model, reader: CacheReader, steps: int, resolution: int, folder: Path, log) -> dict:
+    """One validation pass as train renders it (the cache's 2 prompts, the FP32 VAE decoding; out of memory beside
+    the CUDA graphs' pool: they are released, as in train): its seconds and, on CUDA, peak allocated / reserved."""
+    from stages.sample import Validator
+    from stages.sdxl import load_decoder_vae
+    from stages.sweep import validate
+    validator = Validator(reader.validation(), load_decoder_vae(model.source), steps, 5.0, 0)
+    started = time.perf_counter()
+    with model.mixed.only(model.adapter) if model.mixed else contextlib.nullcontext():
+        row = validate(model, validator, 0, folder, resolution, log)
+    return {"validation_s": round(time.perf_counter() - started, 2),
+            **{k: row[k] for k in ("validation_peak_gib", "validation_reserved_gib") if k in row}}
 
 
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
@@ -264,7 +281,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     keys = ["recipe", "resolution", "micro_batch", "grad_accum", "precision", "base_weights", "base_gib",
             "checkpointing", "cuda_graphs", "compile", "stream_blocks", "h2d_gib_per_step", "optimizer", "adapters",
             "peak_allocated_gib", "peak_reserved_gib", "images_per_s", "adapter_images_per_s", "time_to_first_step_s", "mfu",
-            "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step"]
+            "profile_step_ms", "host_ms_per_step", "gpu_busy_ms_per_step", "validation_s", "validation_peak_gib",
+            "validation_reserved_gib"]
     for k in keys:
         log(f"{k:22s}" + "".join(f"{str(r.get(k, '-')):>40s}" for r in rows))
     if cfg.baseline:

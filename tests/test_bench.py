@@ -27,6 +27,18 @@ def test_bench_runs_the_training_step_with_and_without_baseline_and_as_a_sweep(t
     assert sum(line.startswith("{") for line in logs) == 3  # one JSON line per run
 
 
+def test_bench_renders_validation_as_train_does_after_the_timed_steps(tiny_model, monkeypatch):
+    import stages.sample
+    rendered = []
+    real = stages.sample.render_embeddings
+    monkeypatch.setattr(stages.sample, "render_embeddings", lambda *a: rendered.append(a[5:7]) or real(*a))
+    logs = []
+    row = bench(BenchConfig(model=str(tiny_model), resolution=64, steps=1, warmup=0, device="cpu", validate_steps=2),
+                log=logs.append)[0]
+    assert rendered == [(64, 2)] and row["validation_s"] > 0  # the cache's prompts at the bench resolution, 2 steps
+    assert "validation_peak_gib" not in row and any(line.startswith("validation_s") for line in logs)  # CUDA only
+
+
 def test_flop_count_is_linear_in_batch_and_grows_with_resolution(tiny_model):
     from stages.sdxl import ModelSource, load_unet
     unet = load_unet(ModelSource(str(tiny_model))).eval()

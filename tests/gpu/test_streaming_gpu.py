@@ -71,3 +71,10 @@ def test_validation_keeps_the_vae_on_the_cpu_until_it_decodes(tiny_model, tmp_pa
     row = Validator(embeddings, vae, 2, 5.0, 0)(unet, load_noise_scheduler(source), 1, tmp_path, 64)
     assert {d for w, d in seen if w == "unet"} == {"cpu"} and {d for w, d in seen if w == "decode"} == {"cuda"}
     assert where() == "cpu" and (tmp_path / row["validation_image"]).exists()
+
+
+def test_bench_reports_the_validation_pass_memory(tiny_model):
+    proc = run_pipeline("bench", "--model", tiny_model, "--device", "cuda", "--steps", "1", "--warmup", "1",
+                        "--resolution", "64", "--validate-steps", "2", "--profile-steps", "0")
+    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert row["validation_s"] > 0 and 0 < row["validation_peak_gib"] <= row["validation_reserved_gib"]
