@@ -62,6 +62,10 @@ def test_reason_names_the_choice_and_the_faster_configurations_rejected_for_memo
     assert "needs ~10.2 GiB" in rejected[1]  # bf16 no-ckpt b2: 9.0 × 1.08 + 0.5
     assert len(rejected) == 3  # nf4 no-ckpt b4 is the third faster one; slower rows are not listed
     assert plan(40 * GIB, 512, 4, TABLE, BF16_NF4).reason.count("\n") == 0  # nothing faster was rejected
+    # with CUDA graphs (train's default on CUDA) the unstreamed choices say so; a streamed one runs eagerly
+    graphs = Choices(base_weights=("bf16",), optimizer=("adamw",), compile=("none",), cuda_graphs=True, stream_blocks=(0, 2))
+    assert ", CUDA graphs, micro-batch" in plan(8 * GIB, 512, 4, allowed=graphs).reason.splitlines()[0]
+    assert "2 blocks streamed, checkpointing, adamw, eager" in plan(2 * GIB, 512, 4, allowed=graphs).reason
 
 
 def test_no_fit_is_one_line_naming_the_budget_and_the_smallest_peak():
