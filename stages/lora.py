@@ -92,27 +92,63 @@ class MixedBatch:
     here each peft LoRA layer runs its base layer alone (no adapter active) and a forward hook adds every adapter's
     term to its block's rows, as peft's LoRA forward computes it: lora_B(lora_A(dropout(x))) × scaling (adapters
     without dropout on a Linear layer: as one pair of batched matmuls, ranks padded to the largest). Plain LoRA only (DoRA's magnitude term is not added). The routing stays until the next `route`, so gradient checkpointing's
-    recomputation in backward routes alike."""
+    recomputation in backward routes alike.
 
-    def __init__(self, unet, adapters: list[str], params: list[torch.nn.Parameter]):
+    With `shared` (members of one layout: same modules, ranks, learning-rate groups; one process), every member's
+    LoRA lives in a row of one buffer (`buffers`; each member's optimizer steps its row) and each layer's members'
+    A and B are one strided view into it, used by the batched matmuls as they are: no per-forward stacking, and one
+    gradient accumulation per layer instead of one per member."""
+
+    def __init__(self, unet, adapters: list[str], named: list[list[tuple[str, torch.nn.Parameter]]], shared: bool = False):
         from peft.tuners.lora import LoraLayer
-        self.blocks = list(adapters)
+        self.adapters, self.blocks = list(adapters), list(adapters)
         layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
         for m in layers:
             m.set_adapter([])  # peft's forward: the base layer alone (this also stops the adapters' gradients)
-        for p in params:
-            p.requires_grad_(True)
+        for members in named:
+            for _, p in members:
+                p.requires_grad_(True)
         self.hooks = [m.register_forward_hook(self._add) for m in layers]
+        layout = {tuple((n.replace(f".{a}.", "."), tuple(p.shape)) for n, p in members) for a, members in zip(adapters, named)}
+        self.buffers, self.stacked = None, {}  # stacked: layer -> (A, B) views over every member
+        if shared and len(layout) == 1:
+            self._share(layers, [p for _, p in named[0]])
+
+    def _share(self, layers: list, params: list[torch.nn.Parameter]) -> None:
+        from stages.optim import flat_layout
+        # each member's view of the shared gradients has the buffer's strides, which autograd notes once as a warning
+        warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+        offsets, size = flat_layout(params)
+        values = torch.zeros(len(self.adapters), size, dtype=torch.float32, device=params[0].device)
+        self.buffers = (values, torch.zeros_like(values))
+        where = {id(p): offset for p, offset in zip(params, offsets)}
+
+        def view(p: torch.Tensor) -> torch.nn.Parameter:  # every member's copy of p: (K, *p.shape), strided
+            rows = slice(where[id(p)], where[id(p)] + p.numel())
+            leaf = torch.nn.Parameter(values[:, rows].view(-1, *p.shape))
+            leaf.grad = self.buffers[1][:, rows].view(-1, *p.shape)
+            return leaf
+        first = self.adapters[0]
+        for m in layers:
+            if self._stackable(m, self.adapters) and len({m.scaling[a] for a in self.adapters}) == 1:
+                self.stacked[m] = (view(m.lora_A[first].weight), view(m.lora_B[first].weight))
+
+    def member_buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Member k's row of the shared buffers (its FlatParams' values and gradients), None if not shared."""
+        return (self.buffers[0][k], self.buffers[1][k]) if self.buffers else None
 
     def _add(self, layer, args, output):
         blocks, x = self.blocks, args[0]
         if output.shape[0] % len(blocks):
             raise RuntimeError(f"a batch of {output.shape[0]} rows is no set of {len(blocks)} replicas: route() it, or "
                                "forward inside only(adapter)")
-        if self._stackable(layer):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
+        if self._stackable(layer, blocks):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
             xk = layer._cast_input_dtype(x, layer.lora_A[blocks[0]].weight.dtype).reshape(len(blocks), -1, x.shape[-1])
             ranks, scalings = [layer.r[a] for a in blocks], [layer.scaling[a] for a in blocks]
-            if len(set(ranks)) == 1 and len(set(scalings)) == 1:
+            if layer in self.stacked and blocks == self.adapters:  # every member, in the shared buffer's order
+                A, B = self.stacked[layer]
+                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * scalings[0]
+            elif len(set(ranks)) == 1 and len(set(scalings)) == 1:
                 A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
                 B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
                 term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * scalings[0]
@@ -131,10 +167,10 @@ class MixedBatch:
                 output[block] += (layer.lora_B[adapter](h) * layer.scaling[adapter]).to(output.dtype)
         return output
 
-    def _stackable(self, layer) -> bool:
+    @staticmethod
+    def _stackable(layer, blocks: list[str]) -> bool:
         """Every block's adapter on this Linear layer, without dropout (a sweep of learning rates, optimizers, losses,
         ranks, alphas): their terms are one pair of batched matmuls instead of K pairs (ranks padded to the largest)."""
-        blocks = self.blocks
         return (len(blocks) > 1 and all(a in layer.lora_A for a in blocks)
                 and all(isinstance(layer.lora_A[a], torch.nn.Linear) for a in blocks)
                 and all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in blocks))

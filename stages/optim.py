@@ -21,27 +21,38 @@ from stages.errors import UserError
 BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state: one absmax per 256 elements
 
 
+def flat_layout(params: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Each tensor's offset in a flat buffer (starting at multiples of BLOCK), and the buffer's size."""
+    offsets, size = [], 0
+    for p in params:
+        offsets.append(size)
+        size += -(-p.numel() // BLOCK) * BLOCK
+    return offsets, size
+
+
 class FlatParams:
     """`params` (fp32, one device) re-homed as views into `self.param` (one nn.Parameter) and their gradients
     as views into `self.param.grad`. Autograd then accumulates straight into the flat gradient (in place), so
     zero it with `zero_grad()`, never by setting `.grad` to None."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`buffers`: (values, gradients) of flat_layout(params)'s size to live in (a sweep's rows of one buffer)."""
         self.params = list(params)
         device = self.params[0].device
-        sizes = [-(-p.numel() // BLOCK) * BLOCK for p in self.params]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        grad = torch.zeros_like(flat)
-        self.offsets, offset = [], 0
-        for p, size in zip(self.params, sizes):
+        self.offsets, size = flat_layout(self.params)
+        if buffers is None:
+            flat = torch.zeros(size, dtype=torch.float32, device=device)
+            buffers = flat, torch.zeros_like(flat)
+        flat, grad = buffers
+        if flat.numel() != size:
+            raise ValueError(f"FlatParams: buffers of {flat.numel()} elements for a layout of {size}")
+        for p, offset in zip(self.params, self.offsets):
             if p.dtype != torch.float32 or p.device != device:
                 raise ValueError(f"FlatParams needs fp32 parameters on one device, got {p.dtype} on {p.device}")
             n = p.numel()
             flat[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = flat[offset:offset + n].view_as(p)
             p.grad = grad[offset:offset + n].view_as(p)
-            self.offsets.append(offset)
-            offset += size
         self.param = torch.nn.Parameter(flat)
         self.param.grad = grad
 
@@ -59,8 +70,11 @@ class FlatParams:
 class FlatGroups:
     """The LoRA's tensors in learning-rate groups: group i is one FlatParams, trained at lr × scales[i]."""
 
-    def __init__(self, groups: list[list[torch.nn.Parameter]], scales: list[float]):
-        self.flats, self.scales = [FlatParams(g) for g in groups], list(scales)
+    def __init__(self, groups: list[list[torch.nn.Parameter]], scales: list[float],
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None):  # buffers: one group's (FlatParams)
+        if buffers is not None and len(groups) != 1:
+            raise ValueError("FlatGroups: buffers are for one learning-rate group")
+        self.flats, self.scales = [FlatParams(g, buffers) for g in groups], list(scales)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:  # every LoRA tensor (views), group by group
@@ -136,12 +150,13 @@ def make_optimizer(name: str, flat: FlatGroups, lr: float, weight_decay: float, 
 def setup_optimizer(named: list[tuple[str, torch.nn.Parameter]], name: str, lr: float, weight_decay: float,
                     lr_scheduler: str, warmup_steps: int, max_steps: int, block_lr: dict[str, float],
                     loraplus_ratio: float | None, ema_decay: float | None, ema_device: torch.device,
-                    device: torch.device, log):
+                    device: torch.device, log, buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
     """(FlatGroups, optimizer, resolved optimizer name, lr scheduler, EMA or None) for the LoRA's named
     parameters: one flat buffer per learning-rate multiplier (`lr_groups`), diffusers' scheduler (constant for
-    schedule-free, which warms up itself), the EMA of the flat buffers on `ema_device` with --ema-decay."""
+    schedule-free, which warms up itself), the EMA of the flat buffers on `ema_device` with --ema-decay.
+    `buffers`: where the one flat buffer lives (a sweep member's row of MixedBatch.buffers)."""
     from diffusers.optimization import get_scheduler
-    flat = FlatGroups(*lr_groups(named, block_lr, loraplus_ratio))
+    flat = FlatGroups(*lr_groups(named, block_lr, loraplus_ratio), buffers)
     optimizer, resolved = make_optimizer(name, flat, lr, weight_decay, device, log, warmup_steps)
     free = resolved == "adamw-schedulefree"
     try:

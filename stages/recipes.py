@@ -1,7 +1,7 @@
 """The diffusion-training math: each micro-batch's random draws, and the recipes beyond the reference
 (offset noise, min-SNR weighting, timestep sampling, v-prediction / zero-terminal-SNR, caption dropout, Huber
 losses, debiased estimation).
-Pure functions; `Recipe` applies them inside stages/train.py's compute_loss. Every draw is a pure function
+Pure functions; `Recipe` applies them inside stages/train.py's draw_inputs and diffusion_losses. Every draw is a pure function
 of (seed, micro-batch / step / position) through cache/sampler.py's `generator`, so resume stays exact, and
 under torchrun draws are made for the global micro-batch and then sliced."""
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _this_rank(x: torch.Tensor, rank_slice: tuple[int, int] | None) -> torch.Ten
 
 @dataclass
 class Recipe:
-    """compute_loss's options beyond the reference recipe; the defaults change nothing at all.
+    """The training step's options beyond the reference recipe; the defaults change nothing at all.
 
     Random draws stay pure functions of (seed, step, micro-batch, position): logit-normal timesteps and
     offset noise come from the micro-batch generator after draw_noise's draws; strata from (seed, optimizer

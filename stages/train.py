@@ -80,14 +80,6 @@ def diffusion_losses(unet, noise_schedulers: list, xs: list[dict[str, torch.Tens
             for pred, target, x, recipe in zip(model_pred.chunk(len(xs)), targets, xs, recipes)]
 
 
-def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator,
-                 rank_slice: tuple[int, int] | None = None, recipe: Recipe | None = None) -> torch.Tensor:
-    """The diffusion loss of one micro-batch of cached inputs, draws included (the eager path, in one call)."""
-    recipe = recipe or Recipe()
-    x = draw_inputs(batch, noise_scheduler.config.num_train_timesteps, generator, recipe, noise_scheduler, rank_slice)
-    return diffusion_losses(unet, [noise_scheduler], [x], [recipe])[0]
-
-
 def forward_backward(models: dict[str, "Model"], net, xs: dict[str, dict], accum: int) -> None:
     """One micro-batch of each adapter in `xs` (its name -> its draw_inputs): losses, the backward of each loss / accum
     into its adapter's gradients (the adapters are disjoint), each loss added to its model.loss_sum."""
@@ -235,7 +227,8 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
     graphs = use_cuda_graphs(cfg.cuda_graphs, cfg.compile, device, world, log, streamed=bool(blocks))
     adapters = ["default"] if len(cfgs) == 1 else [f"member{k}" for k in range(len(cfgs))]
     unet, named_params, base = _setup_unet(cfgs, adapters, source, reader, device, autocast_dtype, log, blocks)
-    mixed = MixedBatch(unet, adapters, [p for named in named_params for _, p in named]) if len(cfgs) > 1 else None
+    shared = world == 1 and not any(c.block_lr_dict or c.loraplus_lr_ratio for c in cfgs)  # one lr group each: one buffer
+    mixed = MixedBatch(unet, adapters, named_params, shared) if len(cfgs) > 1 else None
     attention = enable_attention(unet, cfg.attention, device, log)
     apply_compile(unet, cfg.compile, device)
     models = []
@@ -244,7 +237,8 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
         lr = c.lr * (world if c.scale_lr else 1)
         flat, optimizer, optimizer_name, lr_scheduler, ema = setup_optimizer(
             named, c.optimizer, lr, c.weight_decay, c.lr_scheduler, c.warmup_steps, c.max_steps, c.block_lr_dict,
-            c.loraplus_lr_ratio, c.ema_decay, torch.device("cpu" if c.ema_device == "cpu" else device), device, log)
+            c.loraplus_lr_ratio, c.ema_decay, torch.device("cpu" if c.ema_device == "cpu" else device), device, log,
+            mixed.member_buffers(adapters.index(adapter)) if mixed else None)
         resolved = {"model": source.resolved().describe(), "mixed_precision": str(autocast_dtype or "fp32").removeprefix("torch."),
                     **base, "optimizer": optimizer_name, "attention": attention, "cuda_graphs": graphs, "stream_blocks": blocks,
                     "trainable_parameters": sum(p.numel() for _, p in named), "effective_batch": c.batch_size * c.grad_accum * world,

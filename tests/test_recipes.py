@@ -23,10 +23,17 @@ from stages.recipes import (Recipe, caption_dropout_mask, configure_noise_schedu
 from cache.sampler import CacheStream, use_flipped
 from stages.config import TrainConfig
 from stages.recipes import draw_noise, step_generator
-from stages.train import compute_loss
+from stages.train import diffusion_losses, draw_inputs
 from tests.conftest import REPO, max_abs_diff
 
 T = 1000  # SDXL's num_train_timesteps
+
+
+def compute_loss(unet, noise_scheduler, batch: dict, generator: torch.Generator, recipe: Recipe | None = None):
+    """One micro-batch's diffusion loss with its draws, as training_step computes it (eager, one adapter)."""
+    recipe = recipe or Recipe()
+    x = draw_inputs(batch, noise_scheduler.config.num_train_timesteps, generator, recipe, noise_scheduler)
+    return diffusion_losses(unet, [noise_scheduler], [x], [recipe])[0]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -267,3 +267,24 @@ def test_validation_out_of_memory_beside_cuda_graphs_releases_them_and_renders_a
     failing[0], model.graphs = 1, None
     with pytest.raises(torch.cuda.OutOfMemoryError):
         validate(model, validator, 7, Path("o"), 64, logged.append)
+
+
+def test_members_of_one_layout_train_from_one_shared_buffer_like_single_runs(fp32_cache, tmp_path, monkeypatch):
+    """A sweep of learning rates and offset noise (one layout): each layer's members are one strided view into one
+    buffer (no per-forward stacking); each member still equals its single run."""
+    from stages.lora import MixedBatch
+    shared = []
+    share = MixedBatch._share
+    monkeypatch.setattr(MixedBatch, "_share", lambda self, *a: share(self, *a) or shared.append(self))
+    members = "learning_rate=2e-3,1e-3 noise_offset=0,0.1"
+    train(config(fp32_cache, tmp_path / "runs", max_steps=4, checkpoint_every=0, sweep=(members,)), **QUIET)
+    assert len(shared) == 1 and len(shared[0].stacked) == len(shared[0].hooks) > 0  # every adapted layer
+    values, grads = shared[0].buffers
+    assert values.shape[0] == 2 and shared[0].member_buffers(1)[0].data_ptr() == values[1].data_ptr()
+    for lr, offset in (("2e-3", "0"), ("1e-3", "0.1")):
+        name = f"learning_rate={lr},noise_offset={offset}"
+        train(config(fp32_cache, tmp_path / name, max_steps=4, checkpoint_every=0, learning_rate=float(lr),
+                     noise_offset=float(offset)), **QUIET)
+        got, want = lora(tmp_path / "runs" / name), lora(tmp_path / name)
+        assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5, name
+        assert max(want[k].abs().max().item() for k in want if "lora_B" in k) > 1e-3, name  # it trained
