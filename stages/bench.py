@@ -202,23 +202,29 @@ def run_one(cfg: BenchConfig, device: torch.device, baseline: bool, log, sweep: 
         if profiled:
             row.update(profile)
         if cfg.validate_steps and not baseline:
-            row.update(bench_validation(model, reader, cfg.validate_steps, cfg.resolution, Path(tmp), log))
+            row.update(bench_validation(model, reader, cfg.validate_steps, cfg.resolution, cfg.seed, Path(tmp), log))
         del model, models, encoders, reader
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def bench_validation(model, reader: CacheReader, steps: int, resolution: int, folder: Path, log) -> dict:
-    """One validation pass as train renders it (the cache's 2 prompts, the FP32 VAE decoding; out of memory beside
-    the CUDA graphs' pool: they are released, as in train): its seconds and, on CUDA, peak allocated / reserved."""
+def bench_validation(model, reader: CacheReader, steps: int, resolution: int, seed: int, folder: Path, log) -> dict:
+    """One validation pass as train renders it (Validator.from_cache: the cache's 2 prompts, the FP32 VAE decoding; out
+    of memory beside the CUDA graphs' pool: they are released, as in train): its seconds and, on CUDA, peak
+    allocated / reserved."""
+    from stages.config import TrainConfig
     from stages.sample import Validator
-    from stages.sdxl import load_decoder_vae
     from stages.sweep import validate
-    validator = Validator(reader.validation(), load_decoder_vae(model.source), steps, 5.0, 0)
+    guidance = TrainConfig.__dataclass_fields__["validation_guidance"].default
+    validator = Validator.from_cache(reader, model.source, steps, guidance, seed)
     started = time.perf_counter()
-    with model.mixed.only(model.adapter) if model.mixed else contextlib.nullcontext():
-        row = validate(model, validator, 0, folder, resolution, log)
+    try:
+        with model.mixed.only(model.adapter) if model.mixed else contextlib.nullcontext():
+            row = validate(model, validator, 0, folder, resolution, log)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"the validation pass does not fit beside this configuration at {resolution}² (the training "
+                        "steps did)") from None
     return {"validation_s": round(time.perf_counter() - started, 2),
             **{k: row[k] for k in ("validation_peak_gib", "validation_reserved_gib") if k in row}}
 

@@ -30,6 +30,7 @@ class MemoryWatch:
         self.peak_gib: float | None = None
 
     def start(self) -> None:
+        self.peak_gib = None  # each pass (a sweep's round) reports its own peak
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

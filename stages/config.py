@@ -543,7 +543,7 @@ class BenchConfig:
     stream_blocks: str = same_as_train("stream_blocks")
     steps: int = opt(10, "Timed optimizer steps.", check="positive")
     warmup: int = opt(2, "Untimed optimizer steps first (compilation, graph capture, allocator warm-up).", check="non_negative")
-    validate_steps: int = opt(0, "After the timed steps, render the validation images of train --validate-every (2 prompts, this many denoising steps, the FP32 VAE decoding) with the trained UNet and report their peak memory and seconds; 0: none.", check="non_negative")
+    validate_steps: int = opt(0, "After the timed steps, render the validation images of train --validate-every (2 prompts, this many denoising steps, the FP32 VAE decoding) with the trained UNet and report their peak memory and seconds (not for the --baseline row); 0: none.", check="non_negative")
     profile_steps: int = opt(2, "Optimizer steps traced by torch.profiler after the timed ones, on CUDA (host vs GPU time per step); 0 skips the trace (eager and streamed steps trace slowly).", check="non_negative")
     sweep: int = opt(1, "Also run a `train --sweep` of this many learning rates (the optimizer's default, halved member by member) beside the single run: total adapter-images/s and peak memory of both.", check="positive")
     sweep_ranks: str | None = opt(None, "With --sweep: also sweep these ranks, e.g. 4,8,16,32 (the cross product with the learning rates).")

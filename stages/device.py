@@ -184,6 +184,7 @@ class CudaGraphs:
             self.log(f"note: CUDA graph capture failed ({self.failed}); training continues eagerly "
                      "(--cuda-graphs off skips the attempt)")
             torch.cuda.synchronize()
+            self.release()  # graphs captured before are never replayed now: their pool back for the eager steps
             return False
         finally:
             for t, value in zip(self.state, saved):

@@ -129,9 +129,10 @@ class Choices:
     validation: bool = False  # --validate-every: the validation pass must fit too
 
 
-def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
+def choices_for(cfg, compute_dtype: str, bitsandbytes: bool, world: int = 1) -> Choices:
     """What the dataclass config `cfg` can express here (no base_weights field: the compute dtype only; no compile
-    field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit)."""
+    field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit);
+    world: torchrun's processes (several: eager, no CUDA graphs)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
     weights = ("fp8",) + (("int8", "nf4") if bitsandbytes else ()) if "base_weights" in fields else ()
     stream = (0,)
@@ -142,7 +143,7 @@ def choices_for(cfg, compute_dtype: str, bitsandbytes: bool) -> Choices:
     return Choices(base_weights=(compute_dtype,) + weights,
                    optimizer=("adamw", "adamw8bit") if bitsandbytes else ("adamw",),
                    compile=("none", "regional") if "compile" in fields else ("none",),
-                   cuda_graphs="cuda_graphs" in fields and cfg.cuda_graphs != "off", stream_blocks=stream,
+                   cuda_graphs="cuda_graphs" in fields and cfg.cuda_graphs != "off" and world == 1, stream_blocks=stream,
                    validation=bool(getattr(cfg, "validate_every", 0)))
 
 
@@ -327,7 +328,8 @@ def _allowed_here(cfg, device) -> Choices:
         bnb = True
     except Exception:
         bnb = False
-    return choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb)
+    from stages.distributed import world_size
+    return choices_for(cfg, "bf16" if dtype == torch.bfloat16 else "fp16", bitsandbytes=bnb, world=world_size())
 
 
 def fit_vram_budget(cfg, device, resolution: int, log, members: int = 1):
@@ -350,7 +352,7 @@ def fit_vram_budget(cfg, device, resolution: int, log, members: int = 1):
     except UserError:
         together = next((k for k in range(members - 1, 0, -1) if _fits(budget, resolution, effective, allowed, k)), 0)
         if not together:
-            raise
+            fitted(1)  # raises the plan's error for one member: not even one fits
         chosen = fitted(together)
         log(f"the {members} sweep members do not fit in {budget / GIB:.2f} GiB together: "
             f"{-(-members // together)} rounds of ≤ {together} members")

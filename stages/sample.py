@@ -198,7 +198,7 @@ def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, p
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config))
-    pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the latents' size, as with the VAE
+    pipe.vae_scale_factor = vae_scale_factor(vae)  # the latents' size, as with the VAE
     pipe.set_progress_bar_config(disable=True)
     device, dtype = unet.device, unet.dtype
     images = []
@@ -229,7 +229,11 @@ def decode_on(vae, latents: torch.Tensor, device: torch.device) -> list[Image.Im
         pixels = vae.decode(latents.to(device, torch.float32) / vae.config.scaling_factor).sample
     finally:
         vae.to(home)
-    return VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1)).postprocess(pixels, output_type="pil")
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(pixels, output_type="pil")
+
+
+def vae_scale_factor(vae) -> int:  # pixels per latent, as diffusers' pipelines compute it
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 # Fonts for grid labels, tried in this order after Pillow's own (which covers ASCII only): DejaVu Sans covers Latin,

@@ -172,6 +172,9 @@ def claim_outputs(cfg: TrainConfig, members: list[tuple[str | None, TrainConfig]
             log(f"{name}: finished in the earlier run (see {SWEEP_NAME}); left as it is")
             continue
         if cfg.resume and not checkpoint.list_checkpoints(folder):  # a later round's, not started yet
+            if (folder / LORA_WEIGHTS_NAME).exists():
+                raise UserError(f"--resume latest: {name} finished with no checkpoint to continue from ({folder} was "
+                                "trained with --checkpoint-every 0): train its longer run into another --output")
             log(f"{name}: no checkpoint yet; starts from step 0")
             member_cfg = dataclasses.replace(member_cfg, resume=None)
         claimed.append(Member(name, member_cfg, checkpoint.claim_output(folder, member_cfg, manifest, world, held, log),

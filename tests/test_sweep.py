@@ -288,3 +288,8 @@ def test_members_of_one_layout_train_from_one_shared_buffer_like_single_runs(fp3
         got, want = lora(tmp_path / "runs" / name), lora(tmp_path / name)
         assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5, name
         assert max(want[k].abs().max().item() for k in want if "lora_B" in k) > 1e-3, name  # it trained
+    # finished without checkpoints: a longer resume has nothing to continue from, and says so (never --overwrite)
+    with pytest.raises(UserError, match="finished with no checkpoint to continue from") as error:
+        train(config(fp32_cache, tmp_path / "runs", max_steps=6, checkpoint_every=0, sweep=(members,), resume="latest"),
+              **QUIET)
+    assert "--overwrite" not in str(error.value) and (tmp_path / "runs" / "sweep.json").exists()

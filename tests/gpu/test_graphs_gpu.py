@@ -151,14 +151,19 @@ def test_a_sweep_captures_one_graph_for_all_members_and_each_member_matches_its_
     for member in summary["members"]:
         single, _ = run(tiny, "square", f"single-{precision}-{member['name']}", cuda_graphs="on",
                                   mixed_precision=precision, **member["settings"])
-        swept = [json.loads(line)["loss"] for line in (out / member["name"] / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / member["name"] / "metrics.jsonl").read_text().splitlines()]
+        swept = [r["loss"] for r in rows]
+        single_norm = json.loads((tiny / f"single-{precision}-{member['name']}" / "metrics.jsonl").read_text()
+                                 .splitlines()[0])["grad_norm"]
         # A batch of 3 replicas runs other kernels than a batch of one, so they round differently, and Adam turns
         # rounding noise in tiny gradients into lr-sized steps. Measured on the H200: 2026-12-01 (each member's own
         # matmuls) fp32 losses within 1e-3 of the single run's over 20 steps, bf16 parted by up to 0.069; 2026-12-02
         # (ranks padded into one batched matmul pair) fp32 parted by up to 0.016 (member lr 2e-3, rank 2). So the
-        # first step's loss (every LoRA B still zero: the batched base and each member's own draws); the exact check
-        # of the sweep is on the CPU (tests/test_sweep.py, ≤ 1e-5).
+        # first step: its loss (every LoRA B still zero: the batched base and each member's own draws) and its
+        # gradient norm (B's gradient runs through the member's A, scaling and padded rank: the routing); bounds not
+        # yet run on the GPU (2026-12-02); the exact check of the sweep is on the CPU (tests/test_sweep.py, ≤ 1e-5).
         assert abs(swept[0] - single[0]) <= (1e-3 if precision == "no" else 1e-2), member["name"]
+        assert rows[0]["grad_norm"] == pytest.approx(single_norm, rel=1e-3 if precision == "no" else 5e-2), member["name"]
         assert len(swept) == len(single) == STEPS and all(math.isfinite(x) for x in swept), member["name"]
 
 
