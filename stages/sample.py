@@ -192,7 +192,7 @@ def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, p
 
     The negative embeddings are zeros, as SDXL's pipeline uses for an empty negative prompt
     (force_zeros_for_empty_prompt); image i uses seed + i. The pipeline denoises without the VAE, which stays
-    where it is (the CPU during training) and visits the UNet's device only to decode each image.
+    where it is (the CPU during training) and visits the UNet's device once, to decode every image.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
@@ -201,17 +201,16 @@ def render_embeddings(unet, vae, noise_scheduler, prompt_embeds: torch.Tensor, p
     pipe.vae_scale_factor = vae_scale_factor(vae)  # the latents' size, as with the VAE
     pipe.set_progress_bar_config(disable=True)
     device, dtype = unet.device, unet.dtype
-    images = []
+    latents = []
     for i in range(len(prompt_embeds)):
         pe = prompt_embeds[i:i + 1].to(device, dtype)
         pp = pooled_prompt_embeds[i:i + 1].to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-            latents = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=torch.zeros_like(pe),
-                           negative_pooled_prompt_embeds=torch.zeros_like(pp), num_inference_steps=steps,
-                           guidance_scale=guidance, height=resolution, width=resolution,
-                           generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
-        images += decode_on(vae, latents, device)
-    return images
+            latents.append(pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=torch.zeros_like(pe),
+                                negative_pooled_prompt_embeds=torch.zeros_like(pp), num_inference_steps=steps,
+                                guidance_scale=guidance, height=resolution, width=resolution,
+                                generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images)
+    return decode_on(vae, torch.cat(latents), device)
 
 
 @torch.no_grad()
@@ -221,7 +220,8 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 @torch.no_grad()
 def decode_on(vae, latents: torch.Tensor, device: torch.device) -> list[Image.Image]:
-    """FP32 VAE decode of `latents` on `device` (the VAE moved there for the decode only, then back)."""
+    """FP32 VAE decode of `latents` on `device` (the VAE moved there for the decode only, then back; a VAE with
+    slicing enabled, as validation's, decodes them one by one)."""
     from diffusers.image_processor import VaeImageProcessor
     home = vae.device
     vae.to(device)
