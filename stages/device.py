@@ -2,6 +2,8 @@
 memory cap. (Several processes under torchrun: stages/distributed.py.)"""
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from stages.config import parse_size
@@ -163,6 +165,7 @@ class CudaGraphs:
         if not self.graphs:
             return False
         self.graphs, self.pool = {}, None
+        gc.collect()  # a failed attempt's tensors that a reference cycle (its traceback's frames) still holds
         torch.cuda.empty_cache()
         return True
 

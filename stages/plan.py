@@ -61,10 +61,13 @@ STREAM_REST_LINEAR_PARAMS = 31_047_680
 STREAM_BLOCK_MAX_PARAMS = (1_638_400, 47_526_400)  # (Linear weights, others) of the largest block
 STREAM_STATS_PER_LINEAR = {"nf4": 1 / 64 + 4 / (64 * 256)}
 STREAM_CHOICES = (2, 8)  # N that --vram-budget tries with --stream-blocks auto
-H2D_GBPS = 20.0  # assumed pinned host -> device rate (PCIe 4/5); not yet calibrated
+# effective host -> device rate of a streamed step (2026-12-02, H200): bf16 at 1024² moved 9.4 GiB per micro-batch
+# in 1.0 s, at 512² in 1.16 s (its eager twin: 0.94 s); with it, streamed fp8 ranks above bf16, as measured
+H2D_GBPS = 10.0
 # --validate-every: the validation pass holds the weights and the LoRA's state, the FP32 VAE (83.7 M parameters,
 # moved in to decode) and the larger of CFG inference and a tiled decode (256 px tiles), at (512², 1024²); the
-# training activations are gone by then. Not yet calibrated under streaming; at 512² untiled it measured +1.22 GiB.
+# training activations are gone by then. At 1024², 2026-12-02: nf4 2.76 GiB measured vs 2.81 estimated; bf16 with
+# 2 blocks streamed 1.00 vs 1.34 (streaming's resident blocks are counted at the largest's size: conservative).
 VALIDATION_GIB = (0.65, 0.9)
 
 # ---- speed (s) ----
@@ -73,8 +76,13 @@ VALIDATION_GIB = (0.65, 0.9)
 HOST_S_PER_MICRO_BATCH = {False: 0.40, True: 0.85}  # no-ckpt b4 9.78 img/s; ckpt b1×4 ≈ 1.1-1.3 img/s
 GPU_TFLOPS = 300.0  # assumed achievable bf16 rate on an H200 (~40% of the 790 measured); not yet calibrated
 FORWARD_TFLOP_PER_IMAGE = (1.6, 6.8)  # at 512², 1024² (torch's FLOP counter); backward ≈ 1×, recompute 1×
-# Per-layer dequantization / upcast: nf4 from its ckpt runs (0.63-0.75 img/s); fp8 and int8 not measured yet.
-WEIGHTS_SLOWDOWN = {"bf16": 1.0, "fp16": 1.0, "fp8": 1.15, "int8": 1.7, "nf4": 1.7}
+# Per-layer dequantization / upcast, eager at 512² b1 × ga2 (bench/RESULTS.md): bf16 0.986, fp8 0.817, int8 0.582,
+# nf4 ≈ 0.6 img/s
+WEIGHTS_SLOWDOWN = {"bf16": 1.0, "fp16": 1.0, "fp8": 1.2, "int8": 1.7, "nf4": 1.7}
+# int8 is not among --vram-budget's choices (Choices, choices_for): nf4 is smaller at the same speed, fp8 faster at the
+# same size, and bitsandbytes' int8 matmul keeps its inputs as autograd-context attributes, out of gradient
+# checkpointing's reach: +2.1 GiB at 512² b1 and +4.0 GiB at b4 over these estimates (streamed: 3.69 measured, 0.80
+# estimated)
 COMPILE_SPEEDUP = 0.86  # regional compile: 11.34 vs 9.78 img/s (no ckpt), 1.34 vs ≈ 1.15 (ckpt)
 COMPILE_START_S = 30.0  # its extra time before the first step (20-40 s measured)
 OPTIMIZER_STEP_S = {"adamw": 0.007, "adamw8bit": 0.09}  # fused AdamW vs bitsandbytes 8-bit
@@ -121,7 +129,7 @@ class Candidate:
 class Choices:
     """What can run here; the planner searches their product (`choices_for` builds it for a config)."""
     gradient_checkpointing: tuple[bool, ...] = (False, True)
-    base_weights: tuple[str, ...] = ("bf16", "fp8", "int8", "nf4")
+    base_weights: tuple[str, ...] = ("bf16", "fp8", "nf4")  # not int8: see WEIGHTS_SLOWDOWN
     optimizer: tuple[str, ...] = ("adamw", "adamw8bit")
     compile: tuple[str, ...] = ("none", "regional")
     cuda_graphs: bool = False  # every unstreamed candidate runs as CUDA graphs (train's default on CUDA)
@@ -134,7 +142,7 @@ def choices_for(cfg, compute_dtype: str, bitsandbytes: bool, world: int = 1) -> 
     field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit);
     world: torchrun's processes (several: eager, no CUDA graphs)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
-    weights = ("fp8",) + (("int8", "nf4") if bitsandbytes else ()) if "base_weights" in fields else ()
+    weights = ("fp8",) + (("nf4",) if bitsandbytes else ()) if "base_weights" in fields else ()
     stream = (0,)
     if "stream_blocks" in fields:
         from stages.config import parse_stream_blocks

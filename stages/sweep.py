@@ -279,7 +279,8 @@ def validate(model, validator, step: int, out: Path, resolution: int, log) -> di
     try:
         return validator(model.unet, model.noise_scheduler, step, out, resolution)
     except torch.cuda.OutOfMemoryError:
-        if not (model.graphs and model.graphs.release()):
+        if not (model.graphs and model.graphs.graphs):
             raise
+    model.graphs.release()  # out of the except block: the failed attempt's frames (its activations) can go
     log(f"note: validation at step {step} did not fit beside the CUDA graphs' memory; they are captured again after it")
     return validator(model.unet, model.noise_scheduler, step, out, resolution)
