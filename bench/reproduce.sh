@@ -26,8 +26,9 @@ sections (RESULTS.md names the section next to each heading):
   quantized-q  the quantized table's rows marked (q): nf4 b1 x ga4, nf4/fp8/int8 b4 x ga1, fp8 at 1024²
   encode       encode --model random:sdxl of 512 generated JPEGs: defaults, and 12 workers x batch 16
   buckets      encode --resolution 1024 --buckets of 64 generated JPEGs, info, and 6 steps of train on them
-  stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4/bf16 at 1024², nf4 unstreamed eager beside it;
-               validation's peak at 1024² (nf4 with CUDA graphs, bf16 streamed)
+  stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4 unstreamed eager beside it
+  stream-1024  --stream-blocks 2 for nf4/fp8/int8/bf16 at 1024² (b1 x ga2); validation's peak at 1024² (nf4 with
+               CUDA graphs, bf16 streamed)
   stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
@@ -40,7 +41,7 @@ EOF
 
 section=${1:-}
 case $section in
-  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-budget|sweep) ;;
+  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-1024|stream-budget|sweep) ;;
   *) [ -n "$section" ] && echo "unknown section: $section" >&2; usage >&2; exit 2;;
 esac
 dir=${OUT:-/tmp/reproduce}/$section
@@ -280,8 +281,10 @@ buckets)  # 'Buckets end to end on the GPU'
   ;;
 stream)  # 'The memory floor' (issue #21): streamed blocks, 2 resident, per base format; eager, short runs
   for w in nf4 fp8 int8 bf16; do bench "s512_$w" --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
-  for w in nf4 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
   bench nf4_eager --base-weights nf4 --cuda-graphs off --steps 3 --warmup 1 --profile-steps 0
+  ;;
+stream-1024)  # 'The memory floor' at 1024²: streamed per base format, and validation's peak
+  for w in nf4 fp8 int8 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
   bench v1024_nf4 --resolution 1024 --base-weights nf4 --steps 3 --warmup 1 --profile-steps 0 --validate-steps 4
   bench v1024_s2 --resolution 1024 --stream-blocks 2 --steps 2 --warmup 1 --profile-steps 0 --validate-steps 4
   ;;
