@@ -31,15 +31,29 @@ def require_cuda():
 def run_pipeline(*args, check: bool = True, timeout: int = 590) -> subprocess.CompletedProcess:
     """`python pipeline.py ARGS` in a fresh process from the repo root, as a user would run it. The CPU suite's
     OMP_NUM_THREADS=1 (tests/conftest.py) is dropped: quantized bases are built on the CPU, with all its cores."""
+    return run_pipelines(args, check=check, timeout=timeout)[0]
+
+
+def run_pipelines(*runs, check: bool = True, timeout: int = 590) -> list[subprocess.CompletedProcess]:
+    """run_pipeline for each argument list in `runs`, all at once (each tiny run is mostly start-up: imports, CUDA)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, (f"pipeline.py {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+    commands = [[sys.executable, str(REPO / "pipeline.py"), *map(str, args)] for args in runs]
+    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+               for c in commands]
+    done = []
+    try:
+        for command, proc in zip(commands, started):
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
+    finally:
+        for proc in started:
+            proc.kill()  # a no-op for the finished ones; the rest, after a timeout or a failed assertion
+    for command, proc in zip(commands, done) if check else ():
+        assert proc.returncode == 0, (f"{' '.join(command[1:])} failed ({proc.returncode}):\n"
                                       f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return done
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.gpu.conftest import load_lora, read_metrics, run_pipeline
+from tests.gpu.conftest import load_lora, read_metrics, run_pipeline, run_pipelines
 
 pytestmark = pytest.mark.gpu
 
@@ -29,18 +29,16 @@ def tiny_cache(tmp_path_factory, tiny_model):
     ("bf16", "--gradient-checkpointing"), ("bf16", "--no-gradient-checkpointing"), ("fp8", "--no-gradient-checkpointing"),
     ("int8", "--gradient-checkpointing"), ("nf4", "--gradient-checkpointing")])
 def test_streamed_lora_equals_unstreamed_on_cuda(tiny_cache, tmp_path, base_weights, checkpointing):
-    loras = {}
-    for name in ("off", "again", "2"):
-        blocks, out = name.replace("again", "off"), tmp_path / name
-        proc = run_pipeline("train", "--cache", tiny_cache, "--output", out, "--device", "cuda", "--max-steps", "4",
-                            "--warmup-steps", "0", "--checkpoint-every", "0", "--num-workers", "0", "--cuda-graphs",
-                            "off" if blocks == "off" else "auto", "--base-weights", base_weights, "--stream-blocks",
-                            blocks, checkpointing, "--validate-every", "2", "--validation-steps", "2")
-        loras[name] = load_lora(out)
-        if blocks != "off":
-            assert "--stream-blocks trains eagerly" in proc.stdout + proc.stderr
-            assert json.loads((out / "train_config.json").read_text())["resolved"]["stream_blocks"] == 2
-            assert all("peak_reserved_gib" in r for r in read_metrics(out))
+    names = ("off", "again", "2")  # three processes at once on the GPU
+    procs = run_pipelines(*[("train", "--cache", tiny_cache, "--output", tmp_path / name, "--device", "cuda",
+                             "--max-steps", "4", "--warmup-steps", "0", "--checkpoint-every", "0", "--num-workers", "0",
+                             "--cuda-graphs", "auto" if name == "2" else "off", "--base-weights", base_weights,
+                             "--stream-blocks", "2" if name == "2" else "off", checkpointing, "--validate-every", "2",
+                             "--validation-steps", "2") for name in names])
+    loras = {name: load_lora(tmp_path / name) for name in names}
+    assert "--stream-blocks trains eagerly" in procs[2].stdout + procs[2].stderr
+    assert json.loads((tmp_path / "2" / "train_config.json").read_text())["resolved"]["stream_blocks"] == 2
+    assert all("peak_reserved_gib" in r for r in read_metrics(tmp_path / "2"))
     a, b, noise = loras["off"], loras["2"], loras["again"]
     floor = max((a[k] - noise[k]).abs().max().item() for k in a)
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= max(1e-6, 2 * floor), floor
