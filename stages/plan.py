@@ -62,7 +62,8 @@ STREAM_BLOCK_MAX_PARAMS = (1_638_400, 47_526_400)  # (Linear weights, others) of
 STREAM_STATS_PER_LINEAR = {"nf4": 1 / 64 + 4 / (64 * 256)}
 STREAM_CHOICES = (2, 8)  # N that --vram-budget tries with --stream-blocks auto
 # effective host -> device rate of a streamed step (2026-12-02, H200): bf16 at 1024² moved 9.4 GiB per micro-batch
-# in 1.0 s, at 512² in 1.16 s (its eager twin: 0.94 s); with it, streamed fp8 ranks above bf16, as measured
+# in 1.0 s, at 512² in 1.16 s (its eager twin: 0.94 s): a lower bound on the link, host time mixed in; with it,
+# streamed fp8 ranks above bf16 (by ~5%), as measured at 512²
 H2D_GBPS = 10.0
 # --validate-every: the validation pass holds the weights and the LoRA's state, the FP32 VAE (83.7 M parameters,
 # moved in to decode) and the larger of CFG inference and a tiled decode (256 px tiles), at (512², 1024²); the
@@ -139,7 +140,7 @@ class Choices:
 
 def choices_for(cfg, compute_dtype: str, bitsandbytes: bool, world: int = 1) -> Choices:
     """What the dataclass config `cfg` can express here (no base_weights field: the compute dtype only; no compile
-    field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (int8, nf4, adamw8bit);
+    field: eager only). compute_dtype: bf16 or fp16; bitsandbytes: it works on this GPU (nf4, adamw8bit);
     world: torchrun's processes (several: eager, no CUDA graphs)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
     weights = ("fp8",) + (("nf4",) if bitsandbytes else ()) if "base_weights" in fields else ()
@@ -396,7 +397,8 @@ def suggest_budget(cfg, device, resolution: int) -> str | None:
     except UserError:
         return None
     weights = allowed.base_weights[0] if cfg.base_weights == "auto" else cfg.base_weights
-    if cfg.compile not in allowed.compile or weights not in allowed.base_weights or cfg.optimizer not in allowed.optimizer:
+    known = allowed.base_weights + (("int8",) if "nf4" in allowed.base_weights else ())  # int8: never planned, but run
+    if cfg.compile not in allowed.compile or weights not in known or cfg.optimizer not in allowed.optimizer:
         return None
     current = Candidate(cfg.gradient_checkpointing, weights, cfg.optimizer, cfg.compile, cfg.batch_size, cfg.grad_accum)
     now = estimate(current, resolution, graphs=allowed.cuda_graphs).images_per_s

@@ -337,7 +337,7 @@ class Validator:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         unet.eval()
-        try:  # the VAE stays on the CPU while the UNet denoises, and visits the GPU for each decode
+        try:  # the VAE stays on the CPU while the UNet denoises, and visits the GPU once to decode
             images = render_embeddings(unet, self.vae, noise_scheduler, self.embeddings["prompt_embeds"],
                                        self.embeddings["pooled_prompt_embeds"], resolution, self.steps,
                                        self.guidance, self.seed)

@@ -198,6 +198,8 @@ def test_apply_plan_sets_the_fields_the_config_has():
 
 def test_choices_for_follows_the_config_fields_and_what_is_available():
     assert choices_for(FullConfig(), "bf16", bitsandbytes=True) == Choices()
+    assert "int8" not in Choices().base_weights  # never planned: bitsandbytes keeps its inputs past checkpointing
+    assert plan(40 * GIB, 512, 4, allowed=Choices(base_weights=("int8",))).choice.base_weights == "int8"  # it fits
     assert choices_for(FullConfig(), "fp16", bitsandbytes=False) == Choices(
         base_weights=("fp16", "fp8"), optimizer=("adamw",))
     assert choices_for(OlderConfig(), "bf16", bitsandbytes=True) == Choices(base_weights=("bf16",), compile=("none",))
@@ -265,6 +267,7 @@ def test_train_names_a_much_faster_configuration_when_the_card_has_memory_to_spa
     fastest = TrainConfig(gradient_checkpointing=False, optimizer="adamw", compile="regional", batch_size=4, grad_accum=1)
     assert suggest_budget(fastest, cuda, 512) is None  # already (about) the fastest: no note
     assert suggest_budget(TrainConfig(compile="regional-graphs"), cuda, 512) is None  # not a planner option
+    assert "this configuration's" in suggest_budget(TrainConfig(base_weights="int8"), cuda, 512)  # int8: never planned
 
 
 def test_a_sweeps_members_add_their_lora_state_and_activations_and_the_16_member_target_fits_24_gib():

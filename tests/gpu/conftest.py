@@ -9,6 +9,7 @@ by the tests as `from tests.gpu.conftest import ...` (as the CPU tests import te
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,24 +36,42 @@ def run_pipeline(*args, check: bool = True, timeout: int = 590) -> subprocess.Co
 
 
 def run_pipelines(*runs, check: bool = True, timeout: int = 590) -> list[subprocess.CompletedProcess]:
-    """run_pipeline for each argument list in `runs`, all at once (each tiny run is mostly start-up: imports, CUDA)."""
+    """run_pipeline for each argument list in `runs`, all at once (each tiny run is mostly start-up: imports, CUDA),
+    within one `timeout` for all; their output goes through files (no pipe fills up), and on a timeout each run's
+    process group is killed and its output kept in the error."""
+    import signal
+    import tempfile
+    import time
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
     commands = [[sys.executable, str(REPO / "pipeline.py"), *map(str, args)] for args in runs]
-    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-               for c in commands]
-    done = []
-    try:
-        for command, proc in zip(commands, started):
-            stdout, stderr = proc.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
-    finally:
-        for proc in started:
-            proc.kill()  # a no-op for the finished ones; the rest, after a timeout or a failed assertion
-    for command, proc in zip(commands, done) if check else ():
-        assert proc.returncode == 0, (f"{' '.join(command[1:])} failed ({proc.returncode}):\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as files:
+        outputs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
+                   for _ in commands]
+        started = [subprocess.Popen(c, stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True)
+                   for c, (out, err) in zip(commands, outputs)]
+        late = None
+        try:
+            for command, proc in zip(commands, started):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as e:
+            late = e
+        finally:
+            for proc in started:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        done = []
+        for command, proc, (out, err) in zip(commands, started, outputs):
+            out.seek(0), err.seek(0)
+            done.append(subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read()))
+    for command, proc in zip(commands, done):
+        if late or (check and proc.returncode != 0):
+            assert proc.returncode == 0, (f"{' '.join(command[1:])} failed ({proc.returncode}"
+                                          f"{', killed at the ' + str(timeout) + ' s timeout' if late else ''}):\n"
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return done
 
 
