@@ -94,6 +94,9 @@ GRAPH_OVERHEAD_S = 0.062
 GRAPH_TFLOPS = 300.0
 GRAPH_WEIGHTS_SLOWDOWN = {**WEIGHTS_SLOWDOWN, "nf4": 1.38}  # nf4 b1 / b4: 110 / 175 ms vs 80 / 126 ms for bf16
 GRAPH_GIB = 0.05  # static inputs, the graph pool's slack: 5.386 vs 5.36 GiB eager at 512², b1, checkpointing
+# an nf4 base's activations in a graph's pool: 1.38x bf16's (peaks 2.395 / 3.103 / 3.013 GiB at 512² b1, 512² b4,
+# 1024² b1, 2026-12-01/02, were 0.06 / 0.26 / 0.21 GiB over the plain estimate)
+GRAPH_ACTIVATIONS = {"nf4": 1.38}
 GRAPH_OPTIMIZER_STEP_S = 0.01  # flat LoRA buffers: 8-bit AdamW is one launch, as fast as fused AdamW (12.12 vs 12.21 img/s)
 NEAR_TIE = 0.02  # speeds within 2% count as equal (the estimates are good to ~10%): take less memory
 
@@ -208,6 +211,7 @@ def estimate_peak_gib(c: Candidate, resolution: int, graphs: bool = False, valid
     graphs = graphs and not c.stream_blocks  # a streamed UNet runs eagerly
     lora = c.members * LORA_PARAMS * LORA_BYTES_PER_PARAM[c.optimizer] / GIB
     activations = c.members * c.batch_size * _at_resolution(ACTIVATIONS_GIB[c.gradient_checkpointing], resolution)
+    activations *= GRAPH_ACTIVATIONS.get(c.base_weights, 1.0) if graphs else 1.0
     train = (weights_gib(c) + lora + WORKSPACE_GIB + activations + (COMPILE_GIB if c.compile == "regional" else 0)
              + (GRAPH_GIB if graphs else 0))
     # with CUDA graphs, validation that does not fit beside their pool releases it (stages/sweep.py: validate)

@@ -233,10 +233,11 @@ def test_train_cli_budget_and_compile_need_cuda(fp32_cache, tmp_path, cli):
     (Candidate(True, "bf16", "adamw8bit", "none", 1, 4), 1024, 5.98, 7.294),
     (Candidate(True, "nf4", "adamw8bit", "none", 1, 4), 512, 2.395, 9.038),
     (Candidate(True, "nf4", "adamw8bit", "none", 4, 1), 512, 3.103, 22.775),
+    (Candidate(True, "nf4", "adamw8bit", "none", 1, 4), 1024, 3.013, 5.501),  # 2026-12-02 (second session)
 ])
 def test_graph_estimates_reproduce_the_measurements_within_10_percent(c, resolution, peak, img_s):
     e = estimate(c, resolution, graphs=True)
-    assert abs(e.peak_gib - peak) <= 0.1 * peak and abs(e.images_per_s - img_s) <= 0.1 * img_s, e
+    assert abs(e.peak_gib - peak) <= (0.03 if c.base_weights == "nf4" else 0.1) * peak and abs(e.images_per_s - img_s) <= 0.1 * img_s, e
 
 
 def test_graphs_make_the_plan_assume_graph_speed_and_a_measured_graph_row_wins():
