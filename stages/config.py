@@ -329,7 +329,7 @@ class TrainConfig:
     cuda_graphs: str = opt("auto", "Capture each micro-batch's forward + backward as one CUDA graph per input shape and replay it (removes the host's kernel-launch time, the bottleneck at small batches): auto = on for CUDA unless --compile regional-graphs; falls back to eager with a note where capture fails.", choices=CUDA_GRAPHS)
     compile: str = opt("none", "none; regional: torch.compile of the UNet's repeated transformer blocks (diffusers compile_repeated_blocks; CUDA; ~20-40 s before the first step; inside the CUDA graph too); regional-graphs: the same in mode reduce-overhead, each block its own CUDA graph (instead of --cuda-graphs).", choices=COMPILE_MODES)
     vram_budget: str | None = opt(None, "GPU memory to fit, e.g. 12GiB, or auto (this card's free memory): picks the fastest checkpointing / base weights / block streaming / optimizer / compile / batch-size × grad-accum (same effective batch) that fits, prints why, caps this process at it, measures the first steps and stops with a configuration that fits if the real peak is over (CUDA; overrides those flags). A --sweep whose members do not fit together trains in rounds of as many as fit.")
-    stream_blocks: str = opt("auto", "Keep the frozen UNet's blocks (91 in SDXL: ResNet, transformer, up/down-sampling blocks) in pinned host memory and copy them in on a side CUDA stream, N resident at a time, prefetched in forward and backward order: a number N, off, or auto (what --vram-budget chooses; otherwise off). Eager only (no CUDA graphs); the LoRA is unchanged.")
+    stream_blocks: str = opt("auto", "Keep the frozen UNet's blocks (91 in SDXL: ResNet, transformer, up/down-sampling blocks) in pinned host memory and copy them in on a side CUDA stream, N resident at a time, prefetched in forward and backward order: a number N, off, or auto (what --vram-budget chooses; otherwise off). Eager unless --cuda-graphs on, which captures the copies in the step's CUDA graph; the LoRA is unchanged.")
     batch_size: int = opt(1, "Samples per micro-batch.", check="positive")
     grad_accum: int = opt(4, "Micro-batches per optimizer step.", check="positive")
     learning_rate: float | None = opt(None, "Peak learning rate (default per --optimizer: adamw, adamw8bit 5e-5; prodigy 1.0; adafactor 1e-4; adamw-schedulefree 2e-4).", check="positive")
@@ -388,9 +388,6 @@ class TrainConfig:
         if self.vram_budget:
             check_budget(self.vram_budget)
         blocks = parse_stream_blocks(self.stream_blocks)
-        if blocks and self.cuda_graphs == "on":
-            raise UserError(f"--stream-blocks {self.stream_blocks} runs eagerly (a CUDA graph would replay one "
-                            "residency): use --cuda-graphs auto or off")
         if blocks and self.compile != "none":
             raise UserError(f"--stream-blocks {self.stream_blocks} with --compile {self.compile}: compiled blocks "
                             "cannot run the streaming hooks; use --compile none")

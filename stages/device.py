@@ -114,11 +114,11 @@ def synchronize(device: torch.device) -> None:
 
 def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, log, streamed: bool = False) -> bool:
     """--cuda-graphs auto: on for a single CUDA process unless the blocks are graphs already (regional-graphs) or
-    the frozen UNet is streamed (its residency changes inside a step: eager, with a note)."""
+    the frozen UNet is streamed (eager, with a note: a streamed step in a graph, `on`, is not yet measured)."""
     if mode == "off" or (mode == "auto" and (device.type != "cuda" or compile == "regional-graphs")):
         return False
-    if streamed:
-        log("note: --stream-blocks trains eagerly (CUDA graphs would replay one residency of the streamed blocks)")
+    if streamed and mode == "auto":
+        log("note: --stream-blocks trains eagerly (--cuda-graphs on captures the block copies in the graph)")
         return False
     if device.type != "cuda":
         raise UserError("--cuda-graphs on needs a CUDA GPU")
@@ -134,6 +134,10 @@ class CudaGraphs:
     with the inputs copied into the graph's static buffers. All graphs share one memory pool. `inputs` maps
     each adapter's name to its tensors by name (a sweep's members: one graph runs them all).
 
+    With a `streamer` (--stream-blocks), the graph holds the block copies too: every unit is evicted before the
+    capture and at its end, so the graph copies in each unit it uses, from the same pinned host memory, into
+    memory of its pool; each replay adds the captured bytes to the streamer's count.
+
     `state` lists the tensors `fn` accumulates into (gradients, loss sum): capture warms up by running `fn`
     for real, so their values are saved first (to host memory) and restored after. Where capture fails (an operation that
     syncs with the host or allocates outside the pool), every later call runs `fn` eagerly, and `log` says
@@ -141,9 +145,10 @@ class CudaGraphs:
 
     WARMUP = 3  # eager runs on a side stream before capture (cuBLAS / autotuning / lazy init settle)
 
-    def __init__(self, fn, state: list[torch.Tensor], log):
-        self.fn, self.state, self.log = fn, state, log
+    def __init__(self, fn, state: list[torch.Tensor], log, streamer=None):
+        self.fn, self.state, self.log, self.streamer = fn, state, log, streamer
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, dict]]] = {}
+        self.h2d: dict[tuple, int] = {}  # bytes a replay copies in (a streamed UNet)
         self.pool, self.side = None, None
         self.failed: str | None = None
 
@@ -157,6 +162,9 @@ class CudaGraphs:
         for adapter, x in inputs.items():
             for name, value in x.items():
                 static[adapter][name].copy_(value, non_blocking=True)
+        if self.streamer:
+            self.streamer.evict_all()  # units an eager pass (validation) left resident: the graph has its own
+            self.streamer.bytes_in += self.h2d[key]
         graph.replay()
 
     def release(self) -> bool:
@@ -169,6 +177,11 @@ class CudaGraphs:
         torch.cuda.empty_cache()
         return True
 
+    def _evicted(self) -> int:
+        if self.streamer:
+            self.streamer.evict_all()
+        return self.streamer.bytes_in if self.streamer else 0
+
     def _capture(self, key: tuple, inputs: dict[str, dict[str, torch.Tensor]]) -> bool:
         static = {adapter: {k: v.clone() for k, v in x.items()} for adapter, x in inputs.items()}
         saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak
@@ -179,9 +192,11 @@ class CudaGraphs:
                 for _ in range(self.WARMUP):
                     self.fn(static)
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
+            graph, before = torch.cuda.CUDAGraph(), self._evicted()
             with torch.cuda.graph(graph, pool=self.pool):
                 self.fn(static)
+                self._evicted()  # inside: the copies' stream joins the capture again
+            self.h2d[key] = self.streamer.bytes_in - before if self.streamer else 0
         except Exception as e:  # noqa: BLE001 (any failure to capture means: run eagerly)
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             self.log(f"note: CUDA graph capture failed ({self.failed}); training continues eagerly "

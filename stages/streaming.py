@@ -99,6 +99,11 @@ class Residency:
     def __init__(self, capacity: int):
         self.capacity, self.resident = capacity, []  # least recently wanted first
 
+    def clear(self) -> list[str]:
+        """Forget every resident unit; returns them (to evict)."""
+        resident, self.resident = self.resident, []
+        return resident
+
     def want(self, window: list[str]) -> tuple[list[str], list[str]]:
         fetch = [u for u in window if u not in self.resident]
         others = [u for u in self.resident if u not in window]
@@ -202,6 +207,12 @@ class BlockStreamer:
                 _bytes(storage).copy_(host, non_blocking=True)
             unit.ready = torch.cuda.Event()
             unit.ready.record(self.side)
+
+    def evict_all(self) -> None:
+        """Give every resident unit's device memory back (the next forward fetches from scratch): around a CUDA
+        graph's capture, so that the graph copies in every unit it uses and leaves none behind."""
+        for name in self.residency.clear():
+            self._evict(self.units[name])
 
     def _evict(self, unit: Unit) -> None:
         if self.cuda:  # a prefetched unit that never ran: its copy must be done before the memory is reused

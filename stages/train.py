@@ -256,7 +256,8 @@ def setup_models(cfgs: list[TrainConfig], reader: CacheReader, device: torch.dev
                             max_grad_norm=c.max_grad_norm, mixed=mixed))
     if graphs:  # one graph per input shape runs every adapter's forward + backward
         shared = CudaGraphs(lambda xs: forward_backward({m.adapter: m for m in models}, unet, xs, cfg.grad_accum),
-                            [t for m in models for t in (*(p.grad for p in m.flat.flat_params), m.loss_sum, *m.recipe.state)], log)
+                            [t for m in models for t in (*(p.grad for p in m.flat.flat_params), m.loss_sum, *m.recipe.state)], log,
+                            getattr(unet, "block_streamer", None))
         for m in models:
             m.graphs = shared
     return models

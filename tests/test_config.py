@@ -37,7 +37,6 @@ def test_help_never_imports_torch(command):
     ({"vram_budget": "lots"}, "--vram-budget lots: give a size"),
     ({"compile": "regional-graphs", "cuda_graphs": "on"}, "--compile regional-graphs makes each block its own CUDA graph"),
     ({"stream_blocks": "0"}, "--stream-blocks 0: expected auto, off or a number of blocks >= 1"),
-    ({"stream_blocks": "4", "cuda_graphs": "on"}, "--stream-blocks 4 runs eagerly"),
     ({"stream_blocks": "4", "compile": "regional"}, "--stream-blocks 4 with --compile regional"),
 ])
 def test_train_options_are_checked_where_the_config_is_made(kwargs, message):
