@@ -202,6 +202,8 @@ class CudaGraphs:
             self.log(f"note: CUDA graph capture failed ({self.failed}); training continues eagerly "
                      "(--cuda-graphs off skips the attempt)")
             torch.cuda.synchronize()
+            if self.streamer:
+                self.streamer.forget()  # the blocks the capture "fetched" never received their copies
             self.release()  # graphs captured before are never replayed now: their pool back for the eager steps
             return False
         finally:

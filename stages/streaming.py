@@ -214,6 +214,14 @@ class BlockStreamer:
         for name in self.residency.clear():
             self._evict(self.units[name])
 
+    def forget(self) -> None:
+        """After a failed CUDA graph capture: units "fetched" there hold memory no copy ever reached and events of the
+        aborted capture; drop them all without waiting (the caller synchronized)."""
+        for name in self.residency.clear():
+            self.units[name].ready = None
+            for storage in self.units[name].storages:
+                storage.resize_(0)
+
     def _evict(self, unit: Unit) -> None:
         if self.cuda:  # a prefetched unit that never ran: its copy must be done before the memory is reused
             torch.cuda.current_stream(self.device).wait_event(unit.ready)
