@@ -388,6 +388,9 @@ class TrainConfig:
         if self.vram_budget:
             check_budget(self.vram_budget)
         blocks = parse_stream_blocks(self.stream_blocks)
+        if blocks and self.cuda_graphs == "on" and self.vram_budget:
+            raise UserError(f"--vram-budget does not plan --stream-blocks {self.stream_blocks} with --cuda-graphs on yet "
+                            "(not measured): drop one of them")
         if blocks and self.compile != "none":
             raise UserError(f"--stream-blocks {self.stream_blocks} with --compile {self.compile}: compiled blocks "
                             "cannot run the streaming hooks; use --compile none")

@@ -163,7 +163,8 @@ class CudaGraphs:
             for name, value in x.items():
                 static[adapter][name].copy_(value, non_blocking=True)
         if self.streamer:
-            self.streamer.evict_all()  # units an eager pass (validation) left resident: the graph has its own
+            if self.streamer.evict_all():  # units an eager pass (validation) left resident: the graph has its own
+                torch.cuda.empty_cache()
             self.streamer.bytes_in += self.h2d[key]
         graph.replay()
 
@@ -196,7 +197,8 @@ class CudaGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 self.fn(static)
                 self._evicted()  # inside: the copies' stream joins the capture again
-            self.h2d[key] = self.streamer.bytes_in - before if self.streamer else 0
+            if self.streamer:  # the capture copied nothing (its fetches are the graph's): each replay counts them
+                self.h2d[key], self.streamer.bytes_in = self.streamer.bytes_in - before, before
         except Exception as e:  # noqa: BLE001 (any failure to capture means: run eagerly)
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             self.log(f"note: CUDA graph capture failed ({self.failed}); training continues eagerly "

@@ -208,19 +208,24 @@ class BlockStreamer:
             unit.ready = torch.cuda.Event()
             unit.ready.record(self.side)
 
-    def evict_all(self) -> None:
+    def evict_all(self) -> int:
         """Give every resident unit's device memory back (the next forward fetches from scratch): around a CUDA
-        graph's capture, so that the graph copies in every unit it uses and leaves none behind."""
-        for name in self.residency.clear():
+        graph's capture, so that the graph copies in every unit it uses and leaves none behind. Returns how many."""
+        resident = self.residency.clear()
+        for name in resident:
             self._evict(self.units[name])
+        return len(resident)
 
     def forget(self) -> None:
         """After a failed CUDA graph capture: units "fetched" there hold memory no copy ever reached and events of the
-        aborted capture; drop them all without waiting (the caller synchronized)."""
-        for name in self.residency.clear():
-            self.units[name].ready = None
-            for storage in self.units[name].storages:
-                storage.resize_(0)
+        aborted capture; drop them all without waiting (the caller synchronized), every unit, whatever the residency
+        list says (an eviction the capture broke off may have emptied it first)."""
+        self.residency.clear()
+        for unit in self.units.values():
+            unit.ready = None
+            for storage in unit.storages:
+                if storage.nbytes():
+                    storage.resize_(0)
 
     def _evict(self, unit: Unit) -> None:
         if self.cuda:  # a prefetched unit that never ran: its copy must be done before the memory is reused

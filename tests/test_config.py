@@ -38,6 +38,7 @@ def test_help_never_imports_torch(command):
     ({"compile": "regional-graphs", "cuda_graphs": "on"}, "--compile regional-graphs makes each block its own CUDA graph"),
     ({"stream_blocks": "0"}, "--stream-blocks 0: expected auto, off or a number of blocks >= 1"),
     ({"stream_blocks": "4", "compile": "regional"}, "--stream-blocks 4 with --compile regional"),
+    ({"stream_blocks": "4", "cuda_graphs": "on", "vram_budget": "4GiB"}, "--vram-budget does not plan --stream-blocks 4"),
 ])
 def test_train_options_are_checked_where_the_config_is_made(kwargs, message):
     with pytest.raises(UserError) as e:

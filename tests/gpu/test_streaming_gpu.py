@@ -44,18 +44,19 @@ def test_streamed_lora_equals_unstreamed_on_cuda(tiny_cache, tmp_path, base_weig
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= max(1e-6, 2 * floor), floor
 
 
-@pytest.mark.parametrize("base_weights", ["bf16", "nf4"])
+@pytest.mark.parametrize("base_weights", ["bf16", "nf4", "int8"])
 def test_a_streamed_step_captured_as_a_cuda_graph_trains_like_the_eager_streamed_one(tiny_cache, tmp_path, base_weights):
     """--cuda-graphs on with --stream-blocks: the block copies are captured in the graph (every unit evicted around
     the capture); losses and LoRA as the eager streamed run's, within the CUDA-graph tests' bounds (nondeterministic
-    attention backward); validation (eager, streamed) between replays."""
+    attention backward); validation (eager, streamed) between replays. int8's outlier check syncs with the host, so
+    its capture fails: the blocks that capture "fetched" are dropped and training goes on eagerly, the same."""
     procs = run_pipelines(*[("train", "--cache", tiny_cache, "--output", tmp_path / mode, "--device", "cuda",
                              "--max-steps", "6", "--warmup-steps", "0", "--checkpoint-every", "0", "--num-workers", "0",
                              "--learning-rate", "1e-3", "--cuda-graphs", mode, "--base-weights", base_weights,
                              "--stream-blocks", "2", "--gradient-checkpointing", "--validate-every", "3",
                              "--validation-steps", "2") for mode in ("off", "on")])
     said = procs[1].stdout + procs[1].stderr
-    assert "capture failed" not in said and "CUDA graphs" in said, said[-2000:]
+    assert ("capture failed" in said) == (base_weights == "int8") and "CUDA graphs" in said, said[-2000:]
     eager, graph = ([r["loss"] for r in read_metrics(tmp_path / mode)] for mode in ("off", "on"))
     assert len(graph) == len(eager) == 6 and max(abs(a - b) for a, b in zip(graph, eager)) <= 1e-3, (graph, eager)
     a, b = load_lora(tmp_path / "off"), load_lora(tmp_path / "on")
