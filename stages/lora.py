@@ -145,19 +145,18 @@ class MixedBatch:
         if self._stackable(layer, blocks):  # one batched matmul pair for every adapter: (K, rows, in) @ (K, in, r) @ (K, r, out)
             xk = layer._cast_input_dtype(x, layer.lora_A[blocks[0]].weight.dtype).reshape(len(blocks), -1, x.shape[-1])
             ranks, scalings = [layer.r[a] for a in blocks], [layer.scaling[a] for a in blocks]
+            scale = scalings[0]
             if layer in self.stacked and blocks == self.adapters:  # every member, in the shared buffer's order
                 A, B = self.stacked[layer]
-                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * scalings[0]
             elif len(set(ranks)) == 1 and len(set(scalings)) == 1:
                 A = torch.stack([layer.lora_A[a].weight for a in blocks])  # (K, r, in)
                 B = torch.stack([layer.lora_B[a].weight for a in blocks])  # (K, out, r)
-                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)) * scalings[0]
             else:  # ranks padded with zeros to the largest (exact: the padding adds zero products), scaling in B
-                r = max(ranks)
+                r, scale = max(ranks), None
                 A = torch.stack([F.pad(layer.lora_A[a].weight, (0, 0, 0, r - k)) for a, k in zip(blocks, ranks)])
                 B = torch.stack([F.pad(layer.lora_B[a].weight * s, (0, r - k)) for a, k, s in zip(blocks, ranks, scalings)])
-                term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2))
-            output += term.reshape(output.shape).to(output.dtype)
+            term = torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2))
+            output += (term if scale is None else term * scale).reshape(output.shape).to(output.dtype)
             return output
         rows = output.shape[0] // len(blocks)
         for k, adapter in enumerate(blocks):
