@@ -16,7 +16,8 @@ embeddings: 2.23 of SDXL's 2.57 B weights); convolutions, norms and biases stay 
 Conversion comes before the adapter: peft wraps a converted layer as it wraps an nn.Linear (int8 / nf4 in
 its bitsandbytes LoRA classes, as QLoRA does), with the same key names, so the saved file loads into an
 ordinary pipeline with load_lora_weights. Each Linear is converted on `device`, one at a time: a UNet
-loaded on the CPU reaches the GPU already quantized, never whole in the compute dtype; in training, only
+loaded on the CPU reaches the GPU already quantized, never whole in the compute dtype (a streamed one, fp8 or
+nf4, goes back to the host layer by layer: never whole on the GPU at all); in training, only
 the layer being computed holds an upcast copy, in forward and again in backward.
 """
 from __future__ import annotations
@@ -99,14 +100,19 @@ def _bnb_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device
     return layer.to(device)  # quantization happens here
 
 
-def convert_linears(unet: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Replace every nn.Linear of `unet` by its fp8 / int8 / nf4 layer on `device`; returns how many."""
+def convert_linears(unet: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device,
+                    park: torch.device | None = None) -> int:
+    """Replace every nn.Linear of `unet` by its fp8 / int8 / nf4 layer, converted on `device` and then moved to
+    `park` if given (fp8 and nf4: a streamed base goes back to the host layer by layer, never whole on the GPU);
+    returns how many."""
     count = 0
     for parent in list(unet.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:  # exactly: converted layers are subclasses of nn.Linear
                 layer = (Float8Linear(child, compute_dtype, device) if mode == "fp8"
                          else _bnb_linear(child, mode, compute_dtype, device))
+                if park is not None and mode != "int8":  # int8: its CB would stay behind (Int8Params.to)
+                    layer = layer.to(park)  # nf4: the quantization state moves with it (Params4bit.to)
                 setattr(parent, name, layer)
                 count += 1
     # peft wraps bitsandbytes layers in its own LoRA classes (peft/tuners/lora/bnb.py, as in QLoRA) only when
@@ -145,10 +151,10 @@ def check_base_weights(mode: str, device: torch.device, lora_type: str = "lora")
 
 
 def quantize_base(unet: nn.Module, mode: str, compute_dtype: torch.dtype | None, device: torch.device,
-                  lora_type: str = "lora") -> dict:
+                  lora_type: str = "lora", park: torch.device | None = None) -> dict:
     """Convert the frozen UNet in place to `mode` (before the adapter is attached); returns what was done.
 
-    compute_dtype: the autocast dtype, None for fp32."""
+    compute_dtype: the autocast dtype, None for fp32. park: where converted layers go (the host, for a streamed base)."""
     check_base_weights(mode, device, lora_type)
     compute_dtype = compute_dtype or torch.float32
     before = base_bytes(unet)
@@ -157,7 +163,7 @@ def quantize_base(unet: nn.Module, mode: str, compute_dtype: torch.dtype | None,
         unet.to({"bf16": torch.bfloat16, "fp16": torch.float16}[mode])
     elif mode != "auto":
         try:
-            converted = convert_linears(unet, mode, compute_dtype, device)
+            converted = convert_linears(unet, mode, compute_dtype, device, park)
         except torch.cuda.OutOfMemoryError:
             raise  # the caller's "does not fit" message, not this one
         except (RuntimeError, NotImplementedError) as e:  # e.g. bitsandbytes built without kernels for this GPU

@@ -189,7 +189,7 @@ def _setup_unet(cfgs: list[TrainConfig], adapters: list[str], source: ModelSourc
     log(f"loading the UNet from {source.model}")
     on_cpu = cfg.base_weights in QUANTIZED or blocks  # a quantized / streamed base reaches the GPU a layer / block at a time
     unet = load_unet(source, dtype=autocast_dtype or torch.float32, device=torch.device("cpu") if on_cpu else device)
-    base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type)
+    base = quantize_base(unet, cfg.base_weights, autocast_dtype, device, cfg.lora_type, torch.device("cpu") if blocks else None)
     check_cache_fits(unet.config, reader[0], reader.path)
     rng, named = torch.get_rng_state(), []  # every adapter's initialization draws from the same random state
     for adapter, c in zip(adapters, cfgs):

@@ -85,7 +85,7 @@ def test_validation_keeps_the_vae_on_the_cpu_until_it_decodes(tiny_model, tmp_pa
     from stages.sample import Validator
     from stages.sdxl import ModelSource, load_decoder_vae, load_noise_scheduler, load_unet
     source = ModelSource(str(tiny_model))
-    unet, vae = load_unet(source, torch.float32, torch.device("cuda")), load_decoder_vae(source)
+    unet, vae = load_unet(source, torch.float32).to("cuda"), load_decoder_vae(source)  # `device`: random:sdxl only
     where = lambda: next(vae.parameters()).device.type  # noqa: E731
     seen = []
     unet.register_forward_pre_hook(lambda *a: seen.append(("unet", where())))
@@ -103,3 +103,18 @@ def test_bench_reports_the_validation_pass_memory(tiny_model):
                         "--resolution", "64", "--validate-steps", "2", "--profile-steps", "0")
     row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert row["validation_s"] > 0 and 0 < row["validation_peak_gib"] <= row["validation_reserved_gib"]
+
+
+@pytest.mark.parametrize("base_weights", ["fp8", "nf4"])
+def test_a_streamed_quantized_base_is_converted_on_the_gpu_and_parked_on_the_host(tiny_model, base_weights):
+    """--stream-blocks with fp8 / nf4: each Linear is quantized on the GPU and goes back to the host at once (a
+    full-size fp8 base, 2.7 GiB, ran out of memory under --vram-budget 2.5GiB when it landed whole on the GPU)."""
+    import torch
+
+    from stages.quantize import quantize_base
+    from stages.sdxl import ModelSource, load_unet
+    unet = load_unet(ModelSource(str(tiny_model)), torch.bfloat16)
+    info = quantize_base(unet, base_weights, torch.bfloat16, torch.device("cuda"), park=torch.device("cpu"))
+    assert info["converted_layers"] > 0 and {t.device.type for t in (*unet.parameters(), *unet.buffers())} == {"cpu"}
+    states = [m.weight.quant_state for m in unet.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    assert all(s.absmax.device.type == "cpu" for s in states) and len(states) == (info["converted_layers"] if base_weights == "nf4" else 0)
