@@ -29,6 +29,8 @@ sections (RESULTS.md names the section next to each heading):
   stream       --stream-blocks 2 for nf4/fp8/int8/bf16 at 512², nf4 unstreamed eager beside it
   stream-1024  --stream-blocks 2 for nf4/fp8/int8/bf16 at 1024² (b1 x ga2); validation's peak at 1024² (nf4 with
                CUDA graphs, bf16 streamed)
+  stream-graphs  --stream-blocks 2 --cuda-graphs on (the copies inside the step's CUDA graph): nf4 / bf16 at 512², fp8
+               at 1024² (b1 x ga2)
   stream-budget  train --vram-budget 4GiB / 2.5GiB at 1024² with validation every 3 steps: the choice, measured peaks
   speed        CUDA graphs by default (2026-12-01): the defaults beside the baseline, fused AdamW, b4 ckpt, the best
                at 512² and 1024², 1024² b1 x ga4, nf4 b1 x ga4 and b4: speed, memory, host vs GPU time per step
@@ -41,7 +43,7 @@ EOF
 
 section=${1:-}
 case $section in
-  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-1024|stream-budget|sweep) ;;
+  reference|bench|validation|compile|graphs|plan|t4|quantized|quantized-q|encode|buckets|speed|stream|stream-1024|stream-graphs|stream-budget|sweep) ;;
   *) [ -n "$section" ] && echo "unknown section: $section" >&2; usage >&2; exit 2;;
 esac
 dir=${OUT:-/tmp/reproduce}/$section
@@ -287,6 +289,10 @@ stream-1024)  # 'The memory floor' at 1024²: streamed per base format, and vali
   for w in nf4 fp8 int8 bf16; do bench "s1024_$w" --resolution 1024 --grad-accum 2 --base-weights $w --stream-blocks 2 --steps 3 --warmup 1 --profile-steps 0; done
   bench v1024_nf4 --resolution 1024 --base-weights nf4 --steps 3 --warmup 1 --profile-steps 0 --validate-steps 4
   bench v1024_s2 --resolution 1024 --stream-blocks 2 --steps 2 --warmup 1 --profile-steps 0 --validate-steps 4
+  ;;
+stream-graphs)  # 'The memory floor': streamed steps captured as CUDA graphs
+  for w in nf4 bf16; do bench "g512_$w" --base-weights $w --stream-blocks 2 --cuda-graphs on --steps 3 --warmup 1 --profile-steps 0; done
+  bench g1024_fp8 --resolution 1024 --grad-accum 2 --base-weights fp8 --stream-blocks 2 --cuda-graphs on --steps 3 --warmup 1 --profile-steps 0
   ;;
 stream-budget)  # 'The memory floor': --vram-budget at 1024² with validation (2 prompts, 4 steps) every 3 steps
   cache "$dir/c1024" 16 1024 2
