@@ -119,7 +119,7 @@ def use_cuda_graphs(mode: str, compile: str, device: torch.device, world: int, l
         return False
     if streamed and mode == "auto":
         log("note: --stream-blocks trains eagerly; --cuda-graphs on captures the block copies in the step's CUDA graph "
-            "(5-13x faster on an H200, a little more memory; not planned by --vram-budget yet)")
+            "(5-13x faster on an H200 at +0.3-0.5 GiB reserved; not planned by --vram-budget yet)")
         return False
     if device.type != "cuda":
         raise UserError("--cuda-graphs on needs a CUDA GPU")
@@ -179,7 +179,8 @@ class CudaGraphs:
         torch.cuda.empty_cache()
         return True
 
-    def _evicted(self) -> int:
+    def _evict_blocks(self) -> int:
+        """Evict every streamed block (a streamed UNet); returns the bytes copied in so far."""
         if self.streamer:
             self.streamer.evict_all()
         return self.streamer.bytes_in if self.streamer else 0
@@ -187,6 +188,7 @@ class CudaGraphs:
     def _capture(self, key: tuple, inputs: dict[str, dict[str, torch.Tensor]]) -> bool:
         static = {adapter: {k: v.clone() for k, v in x.items()} for adapter, x in inputs.items()}
         saved = [t.to("cpu", copy=True) for t in self.state]  # on the host: a GPU copy would add to the peak
+        before = None  # bytes copied in before the capture (a streamed UNet)
         try:
             side = self.side = self.side or torch.cuda.Stream()  # one: each stream keeps its own cuBLAS workspace
             side.wait_stream(torch.cuda.current_stream())
@@ -194,10 +196,10 @@ class CudaGraphs:
                 for _ in range(self.WARMUP):
                     self.fn(static)
             torch.cuda.current_stream().wait_stream(side)
-            graph, before = torch.cuda.CUDAGraph(), self._evicted()
+            graph, before = torch.cuda.CUDAGraph(), self._evict_blocks()
             with torch.cuda.graph(graph, pool=self.pool):
                 self.fn(static)
-                self._evicted()  # inside: the copies' stream joins the capture again
+                self._evict_blocks()  # inside: the copies' stream joins the capture again
             if self.streamer:  # the capture copied nothing (its fetches are the graph's): each replay counts them
                 self.h2d[key], self.streamer.bytes_in = self.streamer.bytes_in - before, before
         except Exception as e:  # noqa: BLE001 (any failure to capture means: run eagerly)
@@ -207,6 +209,8 @@ class CudaGraphs:
             torch.cuda.synchronize()
             if self.streamer:
                 self.streamer.forget()  # the blocks the capture "fetched" never received their copies
+                if before is not None:  # nor were they copied: not counted
+                    self.streamer.bytes_in = before
             self.release()  # graphs captured before are never replayed now: their pool back for the eager steps
             return False
         finally:

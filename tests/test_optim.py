@@ -111,3 +111,6 @@ def test_cuda_graphs_are_chosen_only_where_they_can_run():
     assert use_cuda_graphs("on", "none", cuda, 2, notes.append) is False and "torchrun" in notes[-1]
     with pytest.raises(UserError, match="--cuda-graphs on needs a CUDA GPU"):
         use_cuda_graphs("on", "none", cpu, 1, notes.append)
+    # a streamed UNet: auto trains eagerly and says how to capture it; on captures the block copies too
+    assert use_cuda_graphs("auto", "none", cuda, 1, notes.append, streamed=True) is False and "--cuda-graphs on" in notes[-1]
+    assert use_cuda_graphs("on", "none", cuda, 1, notes.append, streamed=True) is True
